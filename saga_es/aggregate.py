@@ -1,0 +1,356 @@
+"""A saga as an event-sourced aggregate: its events, and how each one changes it.
+
+Each command asks the shared state machine (`saga_es.machine`) first; only a
+legal move becomes an event, and every event records the state it leads to.
+Events' `apply` only assigns data, so replay runs no machine and no user code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from saga_es import machine
+from saga_es.context import State, apply_diff, from_state
+
+
+class Saga(Aggregate):
+    """One saga's state, rebuilt from its own stream of events."""
+
+    TOPIC = "saga_es:Saga"
+
+    class Event(Aggregate.Event):
+        """Base of every saga event: it names the state the saga is in after it."""
+
+        trigger: ClassVar[str]
+        to_state: str
+
+        def apply(self, aggregate: Any) -> None:
+            """Assign the new state; subclasses add their data in `evolve`."""
+            aggregate.status = self.to_state
+            self.evolve(aggregate)
+
+        def evolve(self, saga: Saga) -> None:
+            """Change the saga's data; nothing else (it runs on replay too)."""
+
+    class SagaStarted(Event, Aggregate.Created):
+        """The saga exists: its definition, steps, business key and initial context."""
+
+        TOPIC = "saga_es:SagaStarted"
+        trigger = "start_saga"
+        name: str
+        definition_version: int
+        steps: list[str]
+        key: str | None
+        context_type: str
+        context: dict[str, Any]
+
+        def evolve(self, saga: Saga) -> None:
+            """Record what the saga is made of."""
+            saga.name = self.name
+            saga.definition_version = self.definition_version
+            saga.steps = list(self.steps)
+            saga.key = self.key
+            saga.context_type = self.context_type
+            saga.context_state = dict(self.context)
+
+    Created = SagaStarted
+
+    class StepStarted(Event):
+        """Written ahead: the step's action is about to run (this attempt)."""
+
+        TOPIC = "saga_es:StepStarted"
+        trigger = "start_step"
+        step: str
+        attempt: int
+
+        def evolve(self, saga: Saga) -> None:
+            """Mark the step as in flight on this attempt."""
+            saga.in_flight[self.step] = self.attempt
+            saga.attempts[self.step] = self.attempt
+
+    class StepCompleted(Event):
+        """The action took effect; what it changed in the context, and what it returned."""
+
+        TOPIC = "saga_es:StepCompleted"
+        trigger = "complete_step"
+        step: str
+        attempt: int
+        changes: dict[str, Any]
+        removed: list[str]
+        result: Any
+
+        def evolve(self, saga: Saga) -> None:
+            """Mark the step done and due for compensation; fold in its changes."""
+            del saga.in_flight[self.step]
+            saga.completed.append(self.step)
+            saga.to_compensate.insert(0, self.step)
+            saga.context_state = apply_diff(saga.context_state, self.changes, self.removed)
+            if self.result is not None:
+                saga.results[self.step] = self.result
+
+    class StepFailed(Event):
+        """The action raised; `will_retry` says whether another attempt follows."""
+
+        TOPIC = "saga_es:StepFailed"
+        trigger = "fail_step"
+        step: str
+        attempt: int
+        error_type: str
+        error_message: str
+        will_retry: bool
+
+        def evolve(self, saga: Saga) -> None:
+            """Clear the step's flight and keep the error for readers."""
+            del saga.in_flight[self.step]
+            saga.error = {
+                "step": self.step,
+                "type": self.error_type,
+                "message": self.error_message,
+            }
+
+    class CompensationStarted(Event):
+        """Written ahead: the step's compensation is about to run (this attempt)."""
+
+        TOPIC = "saga_es:CompensationStarted"
+        trigger = "start_compensation"
+        step: str
+        attempt: int
+
+        def evolve(self, saga: Saga) -> None:
+            """Mark the compensation in flight; earlier-ordered ones stay closed."""
+            saga.compensating[self.step] = self.attempt
+            saga.compensation_attempts[self.step] = self.attempt
+            saga.compensation_cursor = saga.to_compensate.index(self.step)
+
+    class CompensationRan(Event):
+        """The compensation took effect; what it changed in the context."""
+
+        TOPIC = "saga_es:CompensationRan"
+        trigger = "complete_compensation"
+        step: str
+        attempt: int
+        changes: dict[str, Any]
+        removed: list[str]
+
+        def evolve(self, saga: Saga) -> None:
+            """Mark the step compensated and fold in the compensation's changes."""
+            del saga.compensating[self.step]
+            saga.compensated.append(self.step)
+            saga.compensation_cursor = saga.to_compensate.index(self.step) + 1
+            saga.context_state = apply_diff(saga.context_state, self.changes, self.removed)
+
+    class CompensationFailed(Event):
+        """The compensation raised; `will_retry` says whether another attempt follows."""
+
+        TOPIC = "saga_es:CompensationFailed"
+        trigger = "fail_compensation"
+        step: str
+        attempt: int
+        error_type: str
+        error_message: str
+        will_retry: bool
+
+        def evolve(self, saga: Saga) -> None:
+            """Clear the compensation's flight."""
+            del saga.compensating[self.step]
+
+    class SagaCompleted(Event):
+        """Every step completed."""
+
+        TOPIC = "saga_es:SagaCompleted"
+        trigger = "complete_saga"
+
+    class SagaCompensated(Event):
+        """A step failed and every completed step has been compensated."""
+
+        TOPIC = "saga_es:SagaCompensated"
+        trigger = "compensate_saga"
+
+    class SagaStuck(Event):
+        """A compensation could not run: a person must finish the saga."""
+
+        TOPIC = "saga_es:SagaStuck"
+        trigger = "halt_saga"
+        step: str
+        error_type: str
+        error_message: str
+
+        def evolve(self, saga: Saga) -> None:
+            """Keep the error that stopped the saga."""
+            saga.error = {
+                "step": self.step,
+                "type": self.error_type,
+                "message": self.error_message,
+            }
+
+    def __init__(self) -> None:
+        self.status = machine.NEW
+        self.name = ""
+        self.definition_version = 0
+        self.steps: list[str] = []
+        self.key: str | None = None
+        self.context_type = ""
+        self.context_state: State = {}
+        self.completed: list[str] = []
+        self.results: dict[str, Any] = {}
+        self.attempts: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.to_compensate: list[str] = []
+        self.compensation_cursor = 0
+        self.compensating: dict[str, int] = {}
+        self.compensation_attempts: dict[str, int] = {}
+        self.compensated: list[str] = []
+        self.error: dict[str, str] | None = None
+
+    # -- commands: each is one legal move, recorded as one event ----------------------
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        id: UUID,
+        name: str,
+        definition_version: int,
+        steps: list[str],
+        key: str | None,
+        context_type: str,
+        context: State,
+    ) -> Saga:
+        """A new saga, `pending` until its first step starts."""
+        to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})  # type: ignore[arg-type]
+        return cls._create(
+            cls.SagaStarted,
+            id=id,
+            to_state=to_state,
+            name=name,
+            definition_version=definition_version,
+            steps=steps,
+            key=key,
+            context_type=context_type,
+            context=context,
+        )
+
+    def start_step(self, step: str, attempt: int) -> None:
+        """Record, ahead of running it, that `step`'s action is about to run."""
+        self._move(self.StepStarted, step=step, attempt=attempt)
+
+    def complete_step(
+        self,
+        step: str,
+        attempt: int,
+        *,
+        changes: State,
+        removed: list[str],
+        result: Any = None,
+    ) -> None:
+        """Record that `step`'s action took effect."""
+        self._move(
+            self.StepCompleted,
+            step=step,
+            attempt=attempt,
+            changes=changes,
+            removed=removed,
+            result=result,
+        )
+
+    def fail_step(
+        self, step: str, attempt: int, *, error_type: str, error_message: str, will_retry: bool
+    ) -> None:
+        """Record that `step`'s action raised."""
+        self._move(
+            self.StepFailed,
+            step=step,
+            attempt=attempt,
+            error_type=error_type,
+            error_message=error_message,
+            will_retry=will_retry,
+        )
+
+    def start_compensation(self, step: str, attempt: int) -> None:
+        """Record, ahead of running it, that `step`'s compensation is about to run."""
+        self._move(self.CompensationStarted, step=step, attempt=attempt)
+
+    def complete_compensation(
+        self, step: str, attempt: int, *, changes: State, removed: list[str]
+    ) -> None:
+        """Record that `step`'s compensation took effect."""
+        self._move(
+            self.CompensationRan, step=step, attempt=attempt, changes=changes, removed=removed
+        )
+
+    def fail_compensation(
+        self, step: str, attempt: int, *, error_type: str, error_message: str, will_retry: bool
+    ) -> None:
+        """Record that `step`'s compensation raised."""
+        self._move(
+            self.CompensationFailed,
+            step=step,
+            attempt=attempt,
+            error_type=error_type,
+            error_message=error_message,
+            will_retry=will_retry,
+        )
+
+    def complete(self) -> None:
+        """Record that the saga completed."""
+        self._move(self.SagaCompleted)
+
+    def compensate(self) -> None:
+        """Record that the saga is fully compensated."""
+        self._move(self.SagaCompensated)
+
+    def halt(self, step: str, *, error_type: str, error_message: str) -> None:
+        """Record that the saga is stuck on `step`'s compensation."""
+        self._move(self.SagaStuck, step=step, error_type=error_type, error_message=error_message)
+
+    def _move(self, event_class: type[Saga.Event], **data: Any) -> None:
+        to_state = machine.check(self, event_class.trigger, data)
+        self.trigger_event(event_class, to_state=to_state, **data)
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def context(self) -> Any:
+        """The context as of this version, as an object of the type the saga started with."""
+        return from_state(self.context_type, self.context_state)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once nothing is left to run (`completed` or `compensated`)."""
+        return self.status in machine.TERMINAL_STATES
+
+    def step_key(self, step: str) -> str:
+        """The idempotency key of `step` in this saga: the same on every attempt."""
+        return f"{self.id}:{step}"
+
+
+class _Unborn:
+    """The machine's view of a saga before its first event."""
+
+    def __init__(self, saga_id: UUID) -> None:
+        self.id = saga_id
+        self.status = machine.NEW
+
+
+def replay(saga: Saga | None, events: Iterable[Any]) -> Saga | None:
+    """Project events onto a saga without eventsourcing's per-event Protocol check."""
+    for event in events:
+        saga = event.mutate(saga)
+    return saga
+
+
+SagaEvent = Saga.Event
+SagaStarted = Saga.SagaStarted
+StepStarted = Saga.StepStarted
+StepCompleted = Saga.StepCompleted
+StepFailed = Saga.StepFailed
+CompensationStarted = Saga.CompensationStarted
+CompensationRan = Saga.CompensationRan
+CompensationFailed = Saga.CompensationFailed
+SagaCompleted = Saga.SagaCompleted
+SagaCompensated = Saga.SagaCompensated
+SagaStuck = Saga.SagaStuck

@@ -1,0 +1,91 @@
+"""The saga's context as stored data: a flat mapping of field name to value.
+
+A context may be a dict, a dataclass or a pydantic model. Events store only its
+state (a dict) and its type's topic, so replay never runs user code and the
+context at any version can be rebuilt from the stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from eventsourcing.utils import get_topic, resolve_topic
+
+DICT_TOPIC = "builtins:dict"
+
+State = dict[str, Any]
+
+
+def topic_of(context: Any) -> str:
+    """The topic stored in `SagaStarted`, from which the context type is resolved."""
+    if isinstance(context, Mapping):
+        return DICT_TOPIC
+    cls = type(context)
+    if dataclasses.is_dataclass(context) or _is_pydantic(cls):
+        return get_topic(cls)
+    raise TypeError(
+        f"a saga context must be a dict, a dataclass or a pydantic model, not {cls.__name__}"
+    )
+
+
+def to_state(context: Any) -> State:
+    """The context's fields as a new dict; values are not copied deeply."""
+    if isinstance(context, Mapping):
+        return dict(context)
+    if _is_pydantic(type(context)):
+        state: State = context.model_dump(mode="json")
+        return state
+    if dataclasses.is_dataclass(context) and not isinstance(context, type):
+        return {f.name: getattr(context, f.name) for f in dataclasses.fields(context)}
+    raise TypeError(
+        "a saga context must be a dict, a dataclass or a pydantic model, "
+        f"not {type(context).__name__}"
+    )
+
+
+def from_state(topic: str, state: State) -> Any:
+    """A new context object holding a private copy of `state`."""
+    fresh = copy_state(state)
+    if topic == DICT_TOPIC:
+        return fresh
+    cls = resolve_topic(topic)
+    if _is_pydantic(cls):
+        return cls.model_validate(fresh)
+    return cls(**fresh)
+
+
+def diff(before: State, after: State) -> tuple[State, list[str]]:
+    """What changed from `before` to `after`: new values, and removed field names."""
+    changes = {k: v for k, v in after.items() if k not in before or before[k] != v}
+    removed = [k for k in before if k not in after]
+    return changes, removed
+
+
+def apply_diff(state: State, changes: Mapping[str, Any], removed: list[str]) -> State:
+    """`state` with `changes` and `removed` applied, as a new dict."""
+    new = dict(state)
+    new.update(changes)
+    for name in removed:
+        new.pop(name, None)
+    return new
+
+
+_IMMUTABLE = (str, int, float, bool, type(None), bytes)
+
+
+def copy_state(value: Any) -> Any:
+    """A deep copy that is cheap for JSON-like data (the common case)."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    if type(value) is dict:
+        return {k: copy_state(v) for k, v in value.items()}
+    if type(value) is list:
+        return [copy_state(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def _is_pydantic(cls: type) -> bool:
+    return hasattr(cls, "model_dump") and hasattr(cls, "model_validate")

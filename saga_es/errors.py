@@ -1,0 +1,79 @@
+"""Every error saga_es raises derives from `SagaError`.
+
+    SagaError
+    ├── DefinitionError (ValueError)     a SagaDefinition or Step is malformed
+    ├── ContextError (TypeError)         a context cannot be stored as it is
+    ├── ConfigurationError (ValueError)  a setting is missing or wrong
+    ├── SagaNotFound (KeyError)          no saga has that id
+    ├── VersionNotFound (KeyError)       the saga has no event at that version
+    └── IllegalTransition                the state machine refused a move
+
+Errors carry what they concern as attributes, so callers need not parse messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+
+class SagaError(Exception):
+    """Base class of every error raised by saga_es."""
+
+
+class DefinitionError(SagaError, ValueError):
+    """Raised when a saga definition is built, never later at run time."""
+
+
+class ContextError(SagaError, TypeError):
+    """Raised before anything is stored, when a context field cannot be serialised."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        super().__init__(
+            f"context field {field!r} holds a {type(value).__name__}, which cannot be "
+            f"stored: {reason}. Use JSON-friendly values or register a transcoding."
+        )
+        self.field = field
+        self.value = value
+
+
+class ConfigurationError(SagaError, ValueError):
+    """Raised at construction when a setting is missing, malformed or unusable."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+class SagaNotFound(SagaError, KeyError):
+    """Raised when no saga is stored under the given id."""
+
+    def __init__(self, saga_id: UUID) -> None:
+        super().__init__(f"no saga with id {saga_id}")
+        self.saga_id = saga_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class VersionNotFound(SagaError, KeyError):
+    """Raised when asking for a version beyond the end of a saga's stream."""
+
+    def __init__(self, saga_id: UUID, version: int, last: int) -> None:
+        super().__init__(f"saga {saga_id} has versions 1..{last}; there is no version {version}")
+        self.saga_id, self.version, self.last = saga_id, version, last
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class IllegalTransition(SagaError):
+    """Raised before anything is appended, when the machine refuses a trigger."""
+
+    def __init__(self, saga_id: UUID, state: str, trigger: str, reason: str = "") -> None:
+        message = f"saga {saga_id} is {state}; cannot {trigger}"
+        super().__init__(f"{message}: {reason}" if reason else message)
+        self.saga_id = saga_id
+        self.state = state
+        self.trigger = trigger
+        self.reason = reason
