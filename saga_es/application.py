@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, Transcoder
-from eventsourcing.utils import EnvType, TopicError, resolve_topic
+from eventsourcing.utils import Environment, EnvType, TopicError, resolve_topic
 
 from saga_es import runner
 from saga_es.aggregate import Saga, SagaStarted, replay
@@ -102,12 +101,15 @@ class SagaApplication(Application[UUID]):
     }
 
     def __init__(self, env: EnvType | None = None) -> None:
+        settings = self.construct_env(self.name, env)
         try:
+            if "postgres" in settings.get("PERSISTENCE_MODULE", ""):
+                _check_postgres(settings)
             super().__init__(env)
         except ConfigurationError:
             raise
         except Exception as e:
-            raise _configuration_error(e, env) from None
+            raise _configuration_error(e, settings) from None
 
     # -- running -----------------------------------------------------------------------
 
@@ -287,36 +289,62 @@ def _check_value(transcoder: Transcoder, name: str, value: Any) -> None:
 
 _SETTING_IN_MESSAGE = re.compile(r"'([A-Z][A-Z0-9_]+)'")
 _PG_HINTS = (
-    ("password authentication failed", "POSTGRES_PASSWORD"),
-    ("no password supplied", "POSTGRES_PASSWORD"),
+    ("password", "POSTGRES_PASSWORD"),
     ("role", "POSTGRES_USER"),
     ("database", "POSTGRES_DBNAME"),
-    ("timeout", "POSTGRES_HOST"),
     ("translate host name", "POSTGRES_HOST"),
     ("connection refused", "POSTGRES_PORT"),
-    ("connection to server", "POSTGRES_HOST"),
+    ("timeout", "POSTGRES_HOST"),
 )
 
 
-def _configuration_error(error: Exception, env: EnvType | None) -> ConfigurationError:
+def _check_postgres(env: Environment) -> None:
+    """Fail fast, naming the setting, where the pool would only time out."""
+    import psycopg
+
+    for name in ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER"):
+        if env.get(name) == "":
+            raise ConfigurationError(name, "is set but empty")
+        if env.get(name) is None:
+            return  # eventsourcing names a missing setting itself
+    if env.get("POSTGRES_GET_PASSWORD_TOPIC"):
+        return
+    try:
+        timeout = max(1, min(int(env.get("POSTGRES_CONNECT_TIMEOUT") or 5), 5))
+    except ValueError:
+        return
+    try:
+        psycopg.connect(
+            dbname=env.get("POSTGRES_DBNAME"),
+            host=env.get("POSTGRES_HOST"),
+            port=env.get("POSTGRES_PORT") or "5432",
+            user=env.get("POSTGRES_USER"),
+            password=env.get("POSTGRES_PASSWORD") or "",
+            connect_timeout=timeout,
+        ).close()
+    except psycopg.OperationalError as e:
+        where = f"{env.get('POSTGRES_HOST')}:{env.get('POSTGRES_PORT') or '5432'}"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        message = f"cannot connect to PostgreSQL at {where}: {reason}"
+        raise _configuration_error(RuntimeError(message), env) from None
+
+
+def _configuration_error(error: Exception, env: Environment) -> ConfigurationError:
     """Name the setting behind a construction failure, never echoing a password."""
     message = str(error) or type(error).__name__
-    settings = {**os.environ, **dict(env or {})}
-    for name, value in settings.items():
-        if "PASSWORD" in name and value:
-            message = message.replace(str(value), "***")
+    password = env.get("POSTGRES_PASSWORD")
+    if password:
+        message = message.replace(password, "***")
     match = _SETTING_IN_MESSAGE.search(message)
     if match:
         return ConfigurationError(match.group(1), message)
-    module = str(settings.get("PERSISTENCE_MODULE", ""))
+    module = env.get("PERSISTENCE_MODULE", "")
     lowered = message.lower()
-    if "postgres" in module or "psycopg" in type(error).__module__ or "connection" in lowered:
+    if "postgres" in module:
         for needle, setting in _PG_HINTS:
             if needle in lowered:
                 return ConfigurationError(setting, message)
-    if "sqlite" in module or "unable to open database" in lowered:
+        return ConfigurationError("POSTGRES_HOST", message)
+    if "sqlite" in module:
         return ConfigurationError("SQLITE_DBNAME", message)
     return ConfigurationError("PERSISTENCE_MODULE", message)
-
-
-__all__ = ["SagaApplication", "SagaUpdate"]
