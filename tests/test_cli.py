@@ -1,0 +1,147 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from saga_es import SagaApplication
+from saga_es.cli import cli
+
+
+def _sqlite(db: Path) -> dict[str, str]:
+    return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(db)}
+
+
+def test_demo_tells_the_trip_story_and_stores_both_sagas(tmp_path: Path) -> None:
+    db = tmp_path / "trips.db"
+    result = CliRunner().invoke(cli, ["demo", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "Ada Lovelace: completed" in out
+    assert "Blaise Pascal: compensated" in out
+    # The hotel failed, then tickets and flight were cancelled, in that order.
+    failed = out.index("NoRoomsAvailable")
+    tickets = out.index("CompensationRan", failed)
+    assert out.index("book_tickets", failed) < tickets
+    assert out.index("book_flight", tickets) > tickets
+
+    with SagaApplication(env=_sqlite(db)) as app:
+        sagas = list(app.sagas())
+    assert [s.status for s in sagas] == ["completed", "compensated"]
+    assert sagas[1].compensated == ["book_tickets", "book_flight"]
+    assert sagas[1].context.cancelled[0].startswith("tickets ")
+    assert sagas[1].context.flight is None
+
+
+def test_demo_defaults_to_saga_es_db_in_the_working_folder(tmp_path: Path) -> None:
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path) as folder:
+        result = runner.invoke(cli, ["demo"], env={"PERSISTENCE_MODULE": None})
+        assert result.exit_code == 0, result.output
+        assert (Path(folder) / "saga_es.db").exists()
+
+
+def test_list_and_show_read_back_the_file_in_a_later_process(tmp_path: Path) -> None:
+    db = tmp_path / "trips.db"
+    assert CliRunner().invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+
+    def saga_es(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "saga_es", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=tmp_path,
+        )
+
+    listed = saga_es("list", "--db", str(db), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["status"] for r in rows] == ["completed", "compensated"]
+    assert [r["steps"] for r in rows] == ["3/3", "2/3"]
+
+    shown = saga_es("show", rows[1]["id"], "--db", str(db), "--json")
+    assert shown.returncode == 0, shown.stderr
+    tail = [(r["event"], r["step"]) for r in json.loads(shown.stdout)][-6:]
+    assert tail == [
+        ("StepFailed", "book_hotel"),
+        ("CompensationStarted", "book_tickets"),
+        ("CompensationRan", "book_tickets"),
+        ("CompensationStarted", "book_flight"),
+        ("CompensationRan", "book_flight"),
+        ("SagaCompensated", ""),
+    ]
+
+    table = saga_es("show", rows[0]["id"], "--db", str(db))
+    assert table.returncode == 0
+    assert "SagaCompleted" in table.stdout
+    assert "flight: None → 'FL-" in table.stdout
+
+    at = saga_es("show", rows[0]["id"], "--db", str(db), "--at", "3", "--json")
+    assert [r["event"] for r in json.loads(at.stdout)] == [
+        "SagaStarted",
+        "StepStarted",
+        "StepCompleted",
+    ]
+
+
+def test_unknown_id_and_bad_version_are_one_line_errors(tmp_path: Path) -> None:
+    db = tmp_path / "trips.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+    missing = runner.invoke(cli, ["show", "00000000-0000-0000-0000-000000000001", "--db", str(db)])
+    assert missing.exit_code == 1
+    assert missing.output.strip().splitlines() == [
+        "saga-es: no saga with id 00000000-0000-0000-0000-000000000001"
+    ]
+    with SagaApplication(env=_sqlite(db)) as app:
+        saga_id = str(next(app.sagas()).id)
+    beyond = runner.invoke(cli, ["show", saga_id, "--db", str(db), "--at", "99"])
+    assert beyond.exit_code == 1
+    assert "there is no version 99" in beyond.output
+    assert "Traceback" not in beyond.output
+
+
+def test_wrong_postgres_settings_print_one_line_naming_the_setting(tmp_path: Path) -> None:
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": "sagas",
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": "1",
+        "POSTGRES_USER": "saga",
+        "POSTGRES_PASSWORD": "s3cret-pw",
+        "POSTGRES_CONNECT_TIMEOUT": "2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "saga_es", "list"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**_base_env(), **env},
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("saga-es: POSTGRES_PORT: ")
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+    missing = {k: v for k, v in env.items() if k != "POSTGRES_DBNAME"}
+    result = subprocess.run(
+        [sys.executable, "-m", "saga_es", "list"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**_base_env(), **missing},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("saga-es: POSTGRES_DBNAME: ")
+    assert "s3cret-pw" not in result.stderr
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "PERSISTENCE"))}
