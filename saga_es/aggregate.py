@@ -8,6 +8,7 @@ Events' `apply` only assigns data, so replay runs no machine and no user code.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -15,6 +16,7 @@ from eventsourcing.domain import Aggregate
 
 from saga_es import machine
 from saga_es.context import State, apply_diff, from_state
+from saga_es.errors import IllegalTransition
 
 
 class Saga(Aggregate):
@@ -31,6 +33,9 @@ class Saga(Aggregate):
         def apply(self, aggregate: Any) -> None:
             """Assign the new state; subclasses add their data in `evolve`."""
             aggregate.status = self.to_state
+            step = self.__dict__.get("step")
+            if step is not None:
+                aggregate.step = step
             self.evolve(aggregate)
 
         def evolve(self, saga: Saga) -> None:
@@ -44,6 +49,7 @@ class Saga(Aggregate):
         name: str
         definition_version: int
         steps: list[str]
+        compensable: list[str]
         key: str | None
         context_type: str
         context: dict[str, Any]
@@ -53,6 +59,7 @@ class Saga(Aggregate):
             saga.name = self.name
             saga.definition_version = self.definition_version
             saga.steps = list(self.steps)
+            saga.compensable = list(self.compensable)
             saga.key = self.key
             saga.context_type = self.context_type
             saga.context_state = dict(self.context)
@@ -93,7 +100,11 @@ class Saga(Aggregate):
                 saga.results[self.step] = self.result
 
     class StepFailed(Event):
-        """The action raised; `will_retry` says whether another attempt follows."""
+        """The action raised; `will_retry` says whether another attempt follows.
+
+        `compensate` says the failed action may have left an effect that its own
+        compensation must undo (it is then compensated first).
+        """
 
         TOPIC = "saga_es:StepFailed"
         trigger = "fail_step"
@@ -102,15 +113,35 @@ class Saga(Aggregate):
         error_type: str
         error_message: str
         will_retry: bool
+        compensate: bool
 
         def evolve(self, saga: Saga) -> None:
             """Clear the step's flight and keep the error for readers."""
             del saga.in_flight[self.step]
+            if self.compensate:
+                saga.to_compensate.insert(0, self.step)
             saga.error = {
                 "step": self.step,
                 "type": self.error_type,
                 "message": self.error_message,
             }
+
+    class StepReconciled(Event):
+        """Recovery asked the step whether an interrupted attempt took effect.
+
+        If it did, `StepCompleted` follows for that attempt; if not, a new attempt starts.
+        """
+
+        TOPIC = "saga_es:StepReconciled"
+        trigger = "reconcile_step"
+        step: str
+        attempt: int
+        took_effect: bool
+
+        def evolve(self, saga: Saga) -> None:
+            """An attempt without effect is over; one with effect awaits its completion."""
+            if not self.took_effect:
+                del saga.in_flight[self.step]
 
     class CompensationStarted(Event):
         """Written ahead: the step's compensation is about to run (this attempt)."""
@@ -124,7 +155,6 @@ class Saga(Aggregate):
             """Mark the compensation in flight; earlier-ordered ones stay closed."""
             saga.compensating[self.step] = self.attempt
             saga.compensation_attempts[self.step] = self.attempt
-            saga.compensation_cursor = saga.to_compensate.index(self.step)
 
     class CompensationRan(Event):
         """The compensation took effect; what it changed in the context."""
@@ -140,7 +170,6 @@ class Saga(Aggregate):
             """Mark the step compensated and fold in the compensation's changes."""
             del saga.compensating[self.step]
             saga.compensated.append(self.step)
-            saga.compensation_cursor = saga.to_compensate.index(self.step) + 1
             saga.context_state = apply_diff(saga.context_state, self.changes, self.removed)
 
     class CompensationFailed(Event):
@@ -155,8 +184,24 @@ class Saga(Aggregate):
         will_retry: bool
 
         def evolve(self, saga: Saga) -> None:
-            """Clear the compensation's flight."""
+            """Clear the compensation's flight; a final failure awaits a person."""
             del saga.compensating[self.step]
+            if not self.will_retry:
+                saga.compensation_failure = self.step
+
+    class CompensationReconciled(Event):
+        """Recovery asked the step whether an interrupted compensation took effect."""
+
+        TOPIC = "saga_es:CompensationReconciled"
+        trigger = "reconcile_compensation"
+        step: str
+        attempt: int
+        took_effect: bool
+
+        def evolve(self, saga: Saga) -> None:
+            """A compensation without effect is over; one with effect awaits `CompensationRan`."""
+            if not self.took_effect:
+                del saga.compensating[self.step]
 
     class SagaCompleted(Event):
         """Every step completed."""
@@ -189,9 +234,11 @@ class Saga(Aggregate):
 
     def __init__(self) -> None:
         self.status = machine.NEW
+        self.step: str | None = None
         self.name = ""
         self.definition_version = 0
         self.steps: list[str] = []
+        self.compensable: list[str] = []
         self.key: str | None = None
         self.context_type = ""
         self.context_state: State = {}
@@ -200,10 +247,10 @@ class Saga(Aggregate):
         self.attempts: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}
         self.to_compensate: list[str] = []
-        self.compensation_cursor = 0
         self.compensating: dict[str, int] = {}
         self.compensation_attempts: dict[str, int] = {}
         self.compensated: list[str] = []
+        self.compensation_failure: str | None = None
         self.error: dict[str, str] | None = None
 
     # -- commands: each is one legal move, recorded as one event ----------------------
@@ -216,12 +263,13 @@ class Saga(Aggregate):
         name: str,
         definition_version: int,
         steps: list[str],
+        compensable: list[str],
         key: str | None,
         context_type: str,
         context: State,
     ) -> Saga:
         """A new saga, `pending` until its first step starts."""
-        to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})  # type: ignore[arg-type]
+        to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})
         return cls._create(
             cls.SagaStarted,
             id=id,
@@ -229,6 +277,7 @@ class Saga(Aggregate):
             name=name,
             definition_version=definition_version,
             steps=steps,
+            compensable=compensable,
             key=key,
             context_type=context_type,
             context=context,
@@ -258,9 +307,16 @@ class Saga(Aggregate):
         )
 
     def fail_step(
-        self, step: str, attempt: int, *, error_type: str, error_message: str, will_retry: bool
+        self,
+        step: str,
+        attempt: int,
+        *,
+        error_type: str,
+        error_message: str,
+        will_retry: bool,
+        compensate: bool = False,
     ) -> None:
-        """Record that `step`'s action raised."""
+        """Record that `step`'s action raised (`compensate`: its effect must be undone)."""
         self._move(
             self.StepFailed,
             step=step,
@@ -268,7 +324,16 @@ class Saga(Aggregate):
             error_type=error_type,
             error_message=error_message,
             will_retry=will_retry,
+            compensate=compensate,
         )
+
+    def reconcile_step(self, step: str, attempt: int, *, took_effect: bool) -> None:
+        """Record whether an interrupted attempt of `step` took effect."""
+        self._move(self.StepReconciled, step=step, attempt=attempt, took_effect=took_effect)
+
+    def reconcile_compensation(self, step: str, attempt: int, *, took_effect: bool) -> None:
+        """Record whether an interrupted compensation of `step` took effect."""
+        self._move(self.CompensationReconciled, step=step, attempt=attempt, took_effect=took_effect)
 
     def start_compensation(self, step: str, attempt: int) -> None:
         """Record, ahead of running it, that `step`'s compensation is about to run."""
@@ -319,6 +384,14 @@ class Saga(Aggregate):
         return from_state(self.context_type, self.context_state)
 
     @property
+    def next_compensation(self) -> str | None:
+        """The step to compensate next: in reverse order of completion, past steps without one."""
+        for step in self.to_compensate:
+            if step in self.compensable and step not in self.compensated:
+                return step
+        return None
+
+    @property
     def is_terminal(self) -> bool:
         """True once nothing is left to run (`completed` or `compensated`)."""
         return self.status in machine.TERMINAL_STATES
@@ -329,11 +402,69 @@ class Saga(Aggregate):
 
 
 class _Unborn:
-    """The machine's view of a saga before its first event."""
+    """The machine's view of a saga before its first event: nothing started, nothing due."""
 
     def __init__(self, saga_id: UUID) -> None:
         self.id = saga_id
         self.status = machine.NEW
+        self.steps: list[str] = []
+        self.completed: list[str] = []
+        self.attempts: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.compensating: dict[str, int] = {}
+        self.compensation_attempts: dict[str, int] = {}
+        self.compensation_failure: str | None = None
+        self.next_compensation: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamProblem:
+    """Why a stored stream is not one the state machine would have written."""
+
+    saga_id: UUID
+    version: int
+    move: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"saga {self.saga_id} v{self.version}: {self.move}: {self.reason}"
+
+
+_BASE_FIELDS = frozenset(
+    {"originator_id", "originator_version", "timestamp", "to_state", "originator_topic"}
+)
+
+
+def verify_events(events: Iterable[Any]) -> StreamProblem | None:
+    """Replay `events` through the state machine; the first move it would refuse, if any.
+
+    Unlike `replay`, this asks the machine before each event, and checks that the
+    state each event records is the one the machine leads to.
+    """
+    saga: Any = None
+    for event in events:
+        saga_id, version = event.originator_id, event.originator_version
+        trigger = getattr(type(event), "trigger", None)
+        if not isinstance(event, Saga.Event) or trigger is None:
+            return StreamProblem(saga_id, version, type(event).__name__, "not a saga event")
+        data = {k: v for k, v in vars(event).items() if k not in _BASE_FIELDS}
+        try:
+            probe = saga if saga is not None else _Unborn(saga_id)
+            to_state = machine.check(probe, trigger, data)
+        except IllegalTransition as e:
+            return StreamProblem(saga_id, version, trigger, e.reason or f"not legal from {e.state}")
+        if to_state != event.to_state:
+            return StreamProblem(
+                saga_id,
+                version,
+                trigger,
+                f"records state {event.to_state!r}; the machine leads to {to_state!r}",
+            )
+        try:
+            saga = event.mutate(saga)
+        except Exception as e:
+            return StreamProblem(saga_id, version, trigger, f"cannot be applied: {e}")
+    return None
 
 
 def replay(saga: Saga | None, events: Iterable[Any]) -> Saga | None:
@@ -348,9 +479,11 @@ SagaStarted = Saga.SagaStarted
 StepStarted = Saga.StepStarted
 StepCompleted = Saga.StepCompleted
 StepFailed = Saga.StepFailed
+StepReconciled = Saga.StepReconciled
 CompensationStarted = Saga.CompensationStarted
 CompensationRan = Saga.CompensationRan
 CompensationFailed = Saga.CompensationFailed
+CompensationReconciled = Saga.CompensationReconciled
 SagaCompleted = Saga.SagaCompleted
 SagaCompensated = Saga.SagaCompensated
 SagaStuck = Saga.SagaStuck

@@ -9,28 +9,54 @@ runner and saves each boundary; reading one replays its stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
-from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, Transcoder
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    JSONTranscoder,
+    Recording,
+    Transcoder,
+)
+from eventsourcing.popo import POPOFactory
 from eventsourcing.utils import Environment, EnvType, TopicError, resolve_topic
 
-from saga_es import runner
-from saga_es.aggregate import Saga, SagaStarted, replay
+from saga_es import recovery, runner
+from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
 from saga_es.context import State, to_state, topic_of
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
     ConfigurationError,
     ContextError,
+    DefinitionNotFound,
+    SagaError,
     SagaNotFound,
+    UnreadableEvent,
     VersionNotFound,
 )
+from saga_es.popo import POPOSagaRecorder
+from saga_es.recovery import RecoveryReport
+from saga_es.status import SagaStatus, StatusRecorder
+
+log = logging.getLogger("saga_es")
+
+_RECORDER_TOPIC = InfrastructureFactory.APPLICATION_RECORDER_TOPIC
+_STORE_RECORDERS = (
+    ("eventsourcing.sqlite", "SQLiteFactory", "saga_es.sqlite:SQLiteWriterRecorder"),
+    ("eventsourcing.postgres", "PostgresFactory", "saga_es.postgres:PostgresOneCallRecorder"),
+)
+"""The recorder `SagaApplication` uses by default on each store's factory."""
 
 SAGA_KEY_NAMESPACE = uuid5(NAMESPACE_URL, "https://saga-es/keys")
 """Saga ids derived from a business key are uuid5 in this namespace."""
@@ -100,7 +126,20 @@ class SagaApplication(Application[UUID]):
         "SQLITE_DBNAME": "saga_es.db",
     }
 
-    def __init__(self, env: EnvType | None = None) -> None:
+    snapshotting_intervals = {Saga: 100}  # noqa: RUF012 (eventsourcing's class attribute)
+    snapshotting_projectors = {Saga: replay}  # noqa: RUF012
+
+    SAGA_STEP_TIMEOUT = "SAGA_STEP_TIMEOUT"
+    """Setting: seconds recovery leaves a step to its worker, unless the step sets `timeout`."""
+    DEFAULT_STEP_TIMEOUT = 60.0
+
+    def __init__(
+        self,
+        env: EnvType | None = None,
+        *,
+        definitions: Iterable[SagaDefinition] = (),
+        default_step_timeout: float | None = None,
+    ) -> None:
         settings = self.construct_env(self.name, env)
         try:
             if "postgres" in settings.get("PERSISTENCE_MODULE", ""):
@@ -110,6 +149,52 @@ class SagaApplication(Application[UUID]):
             raise
         except Exception as e:
             raise _configuration_error(e, settings) from None
+        self.default_step_timeout = _step_timeout(default_step_timeout, settings)
+        self.definitions: dict[tuple[str, int], SagaDefinition] = {}
+        self.register(*definitions)
+
+    def register(self, *definitions: SagaDefinition) -> None:
+        """Make definitions known by name and version, so recovery can resume their sagas.
+
+        `run`, `arun` and `stream` register the definition they are given.
+        """
+        for definition in definitions:
+            if not isinstance(definition, SagaDefinition):
+                raise TypeError(f"expected a SagaDefinition, got {type(definition).__name__}")
+            self.definitions[definition.name, definition.version] = definition
+
+    def definition(self, name: str, version: int) -> SagaDefinition:
+        """The registered definition `name` at `version`."""
+        try:
+            return self.definitions[name, version]
+        except KeyError:
+            raise DefinitionNotFound(name, version) from None
+
+    def close(self) -> None:
+        """Close the store; saga_es's PostgreSQL recorder first returns the connection it keeps."""
+        close_recorder = getattr(getattr(self, "recorder", None), "close", None)
+        if callable(close_recorder):
+            close_recorder()
+        super().close()
+
+    def construct_recorder(self) -> ApplicationRecorder:
+        """The factory's recorder, subclassed by saga_es for each store.
+
+        Each keeps the saga status projection in the same transaction as the events;
+        `saga_es.sqlite` and `saga_es.postgres` say what else each changes (the tables and
+        the notification log stay eventsourcing's). Setting `APPLICATION_RECORDER_TOPIC`
+        chooses another recorder, such as eventsourcing's stock
+        `eventsourcing.postgres:PostgresApplicationRecorder`.
+        """
+        if not self.env.get(_RECORDER_TOPIC):
+            if isinstance(self.factory, POPOFactory):  # it does not read the setting
+                return POPOSagaRecorder()
+            for module, factory, recorder_topic in _STORE_RECORDERS:
+                loaded = sys.modules.get(module)  # a store's module is loaded if it is in use
+                if loaded is not None and isinstance(self.factory, getattr(loaded, factory)):
+                    self.env[_RECORDER_TOPIC] = recorder_topic
+                    break
+        return super().construct_recorder()
 
     # -- running -----------------------------------------------------------------------
 
@@ -119,8 +204,22 @@ class SagaApplication(Application[UUID]):
         if saga.pending_events:
             if not self._save_start(saga):
                 return self.get(saga.id)
-            runner.run(saga, definition, self._save, self._check_encodable)
+            try:
+                runner.run(saga, definition, self._save, self._check_encodable)
+            except IntegrityError:
+                return self._taken_over(saga)
         return saga
+
+    def _taken_over(self, saga: Saga) -> Saga:
+        """Another worker appended first: keep its history, stop, and say so."""
+        log.warning(
+            "saga %s was taken over by another worker at version %s; this worker stopped "
+            "and its late events were rejected",
+            saga.id,
+            saga.version,
+            extra={"saga_id": str(saga.id)},
+        )
+        return self.get(saga.id)
 
     async def arun(
         self, definition: SagaDefinition, context: Any, *, key: str | None = None
@@ -154,16 +253,20 @@ class SagaApplication(Application[UUID]):
             yield await asyncio.to_thread(self.history, saga.id)
             return
         yield events
-        async for events in runner.arun(saga, definition, self._asave, self._check_encodable):
-            yield events
+        try:
+            async for events in runner.arun(saga, definition, self._asave, self._check_encodable):
+                yield events
+        except IntegrityError:
+            await asyncio.to_thread(self._taken_over, saga)
 
     def _start(self, definition: SagaDefinition, context: Any, key: str | None) -> Saga:
         """A new saga with its first step written ahead, or the one already under `key`."""
-        if not isinstance(definition, SagaDefinition):
-            raise TypeError(f"expected a SagaDefinition, got {type(definition).__name__}")
+        self.register(definition)
         try:
             context_type = topic_of(context)
             state = to_state(context)
+        except ContextError:
+            raise
         except TypeError as e:
             raise ContextError("(context)", context, str(e)) from None
         self._check_context(context_type, state)
@@ -180,6 +283,7 @@ class SagaApplication(Application[UUID]):
             name=definition.name,
             definition_version=definition.version,
             steps=definition.step_names,
+            compensable=definition.compensable,
             key=None if key is None else str(key),
             context_type=context_type,
             context=state,
@@ -197,9 +301,39 @@ class SagaApplication(Application[UUID]):
             return False
         return True
 
+    def _record(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
+        """Record events with the status rows of their sagas, in one transaction."""
+        if self._keeps_statuses:
+            statuses = [
+                SagaStatus.of(aggregate)
+                for aggregate in processing_event.aggregates.values()
+                if isinstance(aggregate, Saga)
+            ]
+            if statuses:
+                processing_event.saved_kwargs["saga_statuses"] = statuses
+        return super()._record(processing_event)
+
+    @functools.cached_property
+    def _keeps_statuses(self) -> bool:
+        """Whether the recorder wants status rows from us (not derived in the database)."""
+        return bool(getattr(self.recorder, "wants_status_rows", False))
+
     def _save(self, saga: Saga) -> Sequence[Saga.Event]:
-        events: list[Saga.Event] = list(saga.pending_events)  # type: ignore[arg-type]
-        self.save(saga)
+        """`save(saga)` as one transaction; with nothing pending, no transaction at all.
+
+        It does what `Application.save` does for one aggregate, minus that method's two
+        runtime Protocol checks (~30 µs a call on Python 3.11, half of a POPO saga's time).
+        """
+        events: list[Saga.Event] = saga.collect_events()  # type: ignore[assignment]
+        if not events:
+            return events
+        processing_event: ProcessingEvent[UUID] = ProcessingEvent()  # not [UUID](): ~0.4 µs
+        processing_event.events.extend(events)
+        processing_event.aggregates[saga.id] = saga
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        self.notify(processing_event.events)  # deprecated in eventsourcing, still called
         return events
 
     async def _asave(self, saga: Saga) -> Sequence[Saga.Event]:
@@ -214,6 +348,8 @@ class SagaApplication(Application[UUID]):
 
     def _check_encodable(self, state: State, result: Any) -> None:
         transcoder = self.mapper.transcoder
+        if type(transcoder) is JSONTranscoder and _plain_json(state) and _plain_json(result):
+            return  # JSON takes these as they are: no need to encode them twice
         try:
             transcoder.encode(state)
             transcoder.encode(result)
@@ -238,6 +374,10 @@ class SagaApplication(Application[UUID]):
             saga: Saga = self.repository.get(saga_id, version=version, projector_func=replay)
         except AggregateNotFoundError:
             raise SagaNotFound(saga_id) from None
+        except SagaError:
+            raise
+        except Exception as e:
+            raise self._unreadable(saga_id, e) from e
         if version is not None and saga.version < version:
             raise VersionNotFound(saga_id, version, saga.version)
         return saga
@@ -245,13 +385,94 @@ class SagaApplication(Application[UUID]):
     def history(self, saga_id: UUID | str) -> list[Saga.Event]:
         """Every event of the saga, in order."""
         saga_id = _as_uuid(saga_id)
-        events: list[Saga.Event] = list(self.events.get(saga_id))  # type: ignore[arg-type]
+        try:
+            events: list[Saga.Event] = list(self.events.get(saga_id))  # type: ignore[arg-type]
+        except Exception as e:
+            raise self._unreadable(saga_id, e) from e
         if not events:
             raise SagaNotFound(saga_id)
         return events
 
+    # -- recovery and audit (see saga_es.recovery) --------------------------------------
+
+    def recover(
+        self,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RecoveryReport:
+        """Resume every saga in flight whose worker is gone.
+
+        Forward if running, backward if compensating; a saga whose current step is
+        within its timeout is left to its worker, and one that cannot be resumed is
+        reported, not fatal. `progress(done, total)` is called after each saga.
+        """
+        return recovery.recover(self, progress=progress)
+
+    def verify(self) -> list[StreamProblem]:
+        """Replay every stored stream through the state machine; what it would refuse."""
+        return recovery.verify(self)
+
+    def statuses(
+        self,
+        *,
+        status: str | Sequence[str] = (),
+        name: str | None = None,
+        key: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        after: UUID | None = None,
+        limit: int = 100,
+    ) -> list[SagaStatus]:
+        """Rows of the status projection matching every filter, oldest first.
+
+        Paginate with `after=` the last row's `saga_id`.
+        """
+        return self._status_recorder.select_statuses(
+            statuses=(status,) if isinstance(status, str) else tuple(status),
+            name=name,
+            key=key,
+            started_after=started_after,
+            started_before=started_before,
+            after=after,
+            limit=limit,
+        )
+
+    def stats(self) -> dict[tuple[str, str], int]:
+        """How many sagas there are per (definition name, status), from the projection."""
+        return self._status_recorder.count_statuses()
+
+    def rebuild_status(self) -> int:
+        """Recompute the status row of every readable saga from its events; how many.
+
+        A saga whose stream cannot be read keeps the row it has (see `verify`).
+        """
+        recorder = self._status_recorder
+        count = 0
+        for saga_id in self.stream_ids():
+            try:
+                saga = self.get(saga_id)
+            except SagaError as e:
+                log.error("status of saga %s not rebuilt: %s", saga_id, e)
+                continue
+            recorder.write_statuses([SagaStatus.of(saga)])
+            count += 1
+        return count
+
+    @property
+    def _status_recorder(self) -> StatusRecorder:
+        if not isinstance(self.recorder, StatusRecorder):
+            raise ConfigurationError(
+                _RECORDER_TOPIC,
+                f"{type(self.recorder).__name__} keeps no saga status projection; "
+                "use saga_es's recorder (leave the setting unset)",
+            )
+        return self.recorder
+
     def sagas(self) -> Iterator[Saga]:
         """Every saga in the store, in the order they were started."""
+        return self._all_sagas()
+
+    def _all_sagas(self) -> Iterator[Saga]:
         start: int | None = None
         while True:
             page = self.recorder.select_notifications(
@@ -263,11 +484,56 @@ class SagaApplication(Application[UUID]):
                 return
             start = page[-1].id
 
+    def _unreadable(self, saga_id: UUID, error: Exception) -> Exception:
+        """Name the stored event that failed to decode, or return `error` if none did."""
+        for record in self.recorder.select_events(saga_id):
+            try:
+                self.mapper.to_domain_event(record)
+            except Exception as e:
+                reason = f"{type(e).__name__}: {e}"
+                return UnreadableEvent(saga_id, record.originator_version, record.topic, reason)
+        return error
+
+    def stream_ids(self) -> Iterator[UUID]:
+        """The id of every saga stream in the store, in the order each first appears.
+
+        Read from the notification log, so it finds streams written by any writer
+        (with or without a status row); it reads every event once.
+        """
+        seen: set[UUID] = set()
+        start: int | None = None
+        while True:
+            page = self.recorder.select_notifications(start, limit=1000, inclusive_of_start=False)
+            for notification in page:
+                saga_id = notification.originator_id
+                if notification.topic.startswith("saga_es:") and saga_id not in seen:
+                    seen.add(saga_id)  # type: ignore[arg-type]
+                    yield saga_id  # type: ignore[misc]
+            if len(page) < 1000:
+                return
+            start = page[-1].id
+
     def _last_version(self, saga_id: UUID) -> int:
         last = list(self.events.get(saga_id, desc=True, limit=1))
         if not last:
             raise SagaNotFound(saga_id)
         return last[0].originator_version
+
+
+def _step_timeout(given: float | None, env: Environment) -> float:
+    """The default step timeout: the argument, else `SAGA_STEP_TIMEOUT`, else 60 s."""
+    raw: Any = given if given is not None else env.get(SagaApplication.SAGA_STEP_TIMEOUT)
+    if raw is None or raw == "":
+        return SagaApplication.DEFAULT_STEP_TIMEOUT
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if isinstance(raw, bool) or not value >= 0:
+        raise ConfigurationError(
+            SagaApplication.SAGA_STEP_TIMEOUT, f"must be a number of seconds >= 0, got {raw!r}"
+        )
+    return value
 
 
 def _as_uuid(saga_id: UUID | str) -> UUID:
@@ -278,6 +544,21 @@ def _as_uuid(saga_id: UUID | str) -> UUID:
         return UUID(str(saga_id))
     except ValueError:
         raise SagaNotFound(saga_id) from None  # type: ignore[arg-type]
+
+
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain_json(value: Any) -> bool:
+    """True for a scalar, or a flat dict (str keys) or list of scalars: always encodable."""
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return True
+    if kind is dict:
+        return all(type(k) is str and type(v) in _JSON_SCALARS for k, v in value.items())
+    if kind is list:
+        return all(type(v) in _JSON_SCALARS for v in value)
+    return False
 
 
 def _check_value(transcoder: Transcoder, name: str, value: Any) -> None:

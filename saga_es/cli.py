@@ -7,6 +7,7 @@ is a shortcut for an SQLite file. A `SagaError` prints one line and exits 1.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Iterator
@@ -15,9 +16,12 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from saga_es.application import SagaApplication
+from saga_es.bench import bench_command
+from saga_es.definition import SagaDefinition
 from saga_es.errors import SagaError
 from saga_es.timeline import render, timeline
 
@@ -117,6 +121,68 @@ def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> No
     console.print(f"  context: {saga.context_state}")
 
 
+@cli.command()
+@_db_option
+@click.option(
+    "--definitions",
+    "modules",
+    multiple=True,
+    metavar="MODULE[:NAME]",
+    envvar="SAGA_ES_DEFINITIONS",
+    help="Where the saga definitions live: every SagaDefinition in MODULE, or MODULE:NAME "
+    "(a definition or a list of them). Repeatable.",
+)
+def recover(db: str | None, modules: tuple[str, ...]) -> None:
+    """Resume every interrupted saga: forward if running, backward if compensating."""
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    with _app(db) as app, Progress(transient=True) as bar:
+        app.register(*definitions)
+        task = bar.add_task("recovering", total=None)
+        report = app.recover(
+            progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    console = _console()
+    console.print(
+        f"{report.found} saga(s) in flight: {len(report.resumed)} resumed, "
+        f"{len(report.waiting)} left to their worker (within their step timeout), "
+        f"{len(report.taken_over)} taken by another worker, {len(report.failed)} failed"
+    )
+    for saga_id, reason in report.failed.items():
+        console.print(f"  [red]{saga_id}[/red]: {reason}", highlight=False)
+    if report.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@_db_option
+def verify(db: str | None) -> None:
+    """Replay every stored saga through the state machine; list what it would refuse."""
+    with _app(db) as app:
+        problems = app.verify()
+        checked = sum(app.stats().values())
+    for problem in problems:
+        click.echo(str(problem))
+    click.echo(f"{checked} saga(s) checked, {len(problems)} rejected")
+    if problems:
+        sys.exit(1)
+
+
+def _load_definitions(spec: str) -> list[SagaDefinition]:
+    """The definitions named by MODULE or MODULE:NAME."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        found: Any = getattr(module, attribute) if attribute else vars(module).values()
+    except (ImportError, AttributeError) as e:
+        raise click.BadParameter(f"{spec}: {e}", param_hint="--definitions") from None
+    if isinstance(found, SagaDefinition):
+        return [found]
+    definitions = [d for d in found if isinstance(d, SagaDefinition)]
+    if not definitions:
+        raise click.BadParameter(f"{spec} holds no SagaDefinition", param_hint="--definitions")
+    return definitions
+
+
 def _console() -> Console:
     """The terminal's width, or 120 columns when output goes to a file or a pipe."""
     console = Console()
@@ -131,6 +197,9 @@ def _where(app: SagaApplication) -> str:
     name = app.env.get("SQLITE_DBNAME")
     module = app.env.get("PERSISTENCE_MODULE", "")
     return f"SQLite file {name}" if "sqlite" in module and name else module
+
+
+cli.add_command(bench_command, "bench")
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from eventsourcing.utils import get_topic, resolve_topic
+from eventsourcing.utils import TopicError, get_topic, resolve_topic
+
+from saga_es.errors import ContextError
 
 DICT_TOPIC = "builtins:dict"
 
@@ -25,7 +27,15 @@ def topic_of(context: Any) -> str:
         return DICT_TOPIC
     cls = type(context)
     if dataclasses.is_dataclass(context) or _is_pydantic(cls):
-        return get_topic(cls)
+        if "<locals>" in cls.__qualname__:
+            raise TypeError(
+                f"{cls.__qualname__} is defined inside a function, so its type cannot be "
+                "found again when the saga is read back; define it at module level"
+            )
+        try:
+            return get_topic(cls)
+        except TopicError as e:  # another class was registered under the same topic
+            raise TypeError(f"its type cannot be found again: {e}") from None
     raise TypeError(
         f"a saga context must be a dict, a dataclass or a pydantic model, not {cls.__name__}"
     )
@@ -36,7 +46,10 @@ def to_state(context: Any) -> State:
     if isinstance(context, Mapping):
         return dict(context)
     if _is_pydantic(type(context)):
-        state: State = context.model_dump(mode="json")
+        try:
+            state: State = context.model_dump(mode="json")
+        except ValueError as e:  # pydantic_core.PydanticSerializationError
+            raise _field_error(context, e) from None
         return state
     if dataclasses.is_dataclass(context) and not isinstance(context, type):
         return {f.name: getattr(context, f.name) for f in dataclasses.fields(context)}
@@ -85,6 +98,16 @@ def copy_state(value: Any) -> Any:
     if type(value) is list:
         return [copy_state(v) for v in value]
     return copy.deepcopy(value)
+
+
+def _field_error(model: Any, error: ValueError) -> ContextError:
+    """Name the first field of a pydantic model that cannot be dumped as JSON."""
+    for name in type(model).model_fields:
+        try:
+            model.model_dump(mode="json", include={name})
+        except ValueError:
+            return ContextError(name, getattr(model, name), str(error))
+    return ContextError("(context)", model, str(error))
 
 
 def _is_pydantic(cls: type) -> bool:

@@ -5,7 +5,9 @@
     ├── ContextError (TypeError)         a context cannot be stored as it is
     ├── ConfigurationError (ValueError)  a setting is missing or wrong
     ├── SagaNotFound (KeyError)          no saga has that id
+    ├── DefinitionNotFound (KeyError)    no definition is registered under that name and version
     ├── VersionNotFound (KeyError)       the saga has no event at that version
+    ├── UnreadableEvent (ValueError)     a stored event cannot be decoded (unknown type, corrupt)
     └── IllegalTransition                the state machine refused a move
 
 Errors carry what they concern as attributes, so callers need not parse messages.
@@ -56,6 +58,20 @@ class SagaNotFound(SagaError, KeyError):
         return str(self.args[0])
 
 
+class DefinitionNotFound(SagaError, KeyError):
+    """Raised when a stored saga names a definition this application does not know."""
+
+    def __init__(self, name: str, version: int) -> None:
+        super().__init__(
+            f"no saga definition {name!r} version {version} is registered; "
+            "pass it in definitions=[...] or call register()"
+        )
+        self.name, self.version = name, version
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class VersionNotFound(SagaError, KeyError):
     """Raised when asking for a version beyond the end of a saga's stream."""
 
@@ -65,6 +81,14 @@ class VersionNotFound(SagaError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class UnreadableEvent(SagaError, ValueError):
+    """Raised when a stored event cannot be turned back into a saga event."""
+
+    def __init__(self, saga_id: UUID, version: int, topic: str, reason: str) -> None:
+        super().__init__(f"saga {saga_id} version {version} ({topic}) cannot be read: {reason}")
+        self.saga_id, self.version, self.topic, self.reason = saga_id, version, topic, reason
 
 
 class IllegalTransition(SagaError):

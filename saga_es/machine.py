@@ -1,13 +1,17 @@
 """The legal moves of every saga, as one `transitions` machine shared by all sagas.
 
     new ─start_saga─► pending ─start_step─► running ─complete_saga─► completed
-                                              │ ▲ start_step / complete_step / fail_step (retry)
+                                              │ ▲ start_step / complete_step / reconcile_step /
+                                              │ │ fail_step (will retry)
                                               └─┘
                                               │ fail_step
                                               ▼
                                          compensating ─compensate_saga─► compensated
-                                              │ start_ / complete_ / fail_compensation
+                                              │ start_ / complete_ / fail_ / reconcile_compensation
                                               └─halt_saga─► stuck
+
+A step's new attempt may start while its previous attempt is in flight only as that
+attempt's direct successor: recovery re-running an attempt whose outcome is unknown.
 
 The machine holds no saga: `check` hands it a throw-away probe carrying the
 saga's state, so no Machine, model list or callback is ever attached to a saga
@@ -21,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from uuid import UUID
 
-from transitions import Machine, MachineError
+from transitions import EventData, Machine, MachineError
 
 from saga_es.errors import IllegalTransition
 
@@ -45,6 +49,10 @@ class SagaState(Protocol):
     def id(self) -> UUID:
         """The saga's id, for error messages."""
 
+    @property
+    def next_compensation(self) -> str | None:
+        """The step whose compensation is due next, if any."""
+
     status: str
     steps: list[str]
     completed: list[str]
@@ -52,8 +60,7 @@ class SagaState(Protocol):
     in_flight: dict[str, int]
     compensating: dict[str, int]
     compensation_attempts: dict[str, int]
-    to_compensate: list[str]
-    compensation_cursor: int
+    compensation_failure: str | None
 
 
 class _Probe:
@@ -72,31 +79,50 @@ def _refuse(probe: _Probe, reason: str) -> bool:
     return False
 
 
+def _may_start(
+    probe: _Probe, kind: str, step: str, attempt: int, flying: dict[str, int], last: int
+) -> bool:
+    """Shared rule for starting an action or a compensation.
+
+    A new attempt may start while the previous one is still in flight only as its
+    direct successor: that is recovery re-running an attempt whose outcome is unknown.
+    """
+    if flying:
+        (busy, busy_attempt), *_ = flying.items()
+        if busy == step and attempt == busy_attempt + 1:
+            return True
+        return _refuse(probe, f"{kind} {busy!r} is still in flight (attempt {busy_attempt})")
+    if attempt != last + 1:
+        return _refuse(probe, f"{kind} {step!r} is on attempt {last + 1}, not {attempt}")
+    return True
+
+
 def _step_may_start(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
     step, attempt = ev.kwargs["step"], ev.kwargs["attempt"]
-    if saga.in_flight:
-        return _refuse(probe, f"step {next(iter(saga.in_flight))!r} is still in flight")
-    if len(saga.completed) >= len(saga.steps):
-        return _refuse(probe, "every step has completed")
-    expected = saga.steps[len(saga.completed)]
-    if step != expected:
-        return _refuse(probe, f"the next step is {expected!r}, not {step!r}")
-    want = saga.attempts.get(step, 0) + 1
-    if attempt != want:
-        return _refuse(probe, f"step {step!r} is on attempt {want}, not {attempt}")
+    if not saga.in_flight:
+        if len(saga.completed) >= len(saga.steps):
+            return _refuse(probe, "every step has completed")
+        expected = saga.steps[len(saga.completed)]
+        if step != expected:
+            return _refuse(probe, f"the next step is {expected!r}, not {step!r}")
+    return _may_start(probe, "step", step, attempt, saga.in_flight, saga.attempts.get(step, 0))
+
+
+def _in_flight(probe: _Probe, kind: str, step: str, attempt: int, flying: dict[str, int]) -> bool:
+    if step not in flying:
+        return _refuse(probe, f"{kind} {step!r} was not started")
+    if attempt != flying[step]:
+        return _refuse(probe, f"{kind} {step!r} is on attempt {flying[step]}, not {attempt}")
     return True
 
 
 def _step_in_flight(ev: Any) -> bool:
     probe: _Probe = ev.model
     step = ev.kwargs["step"]
-    if step not in probe.saga.in_flight:
-        return _refuse(probe, f"step {step!r} was not started")
-    if ev.kwargs.get("attempt", probe.saga.in_flight[step]) != probe.saga.in_flight[step]:
-        return _refuse(probe, f"step {step!r} is on attempt {probe.saga.in_flight[step]}")
-    return True
+    attempt = ev.kwargs.get("attempt", probe.saga.in_flight.get(step))
+    return _in_flight(probe, "step", step, attempt, probe.saga.in_flight)
 
 
 def _will_retry(ev: Any) -> bool:
@@ -118,31 +144,48 @@ def _compensation_may_start(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
     step, attempt = ev.kwargs["step"], ev.kwargs["attempt"]
-    if saga.compensating:
-        return _refuse(probe, f"compensation of {next(iter(saga.compensating))!r} is in flight")
-    if step not in saga.to_compensate:
-        return _refuse(probe, f"step {step!r} has no effect to compensate")
-    if saga.to_compensate.index(step) < saga.compensation_cursor:
-        return _refuse(probe, f"step {step!r} is out of reverse order or already compensated")
-    want = saga.compensation_attempts.get(step, 0) + 1
-    if attempt != want:
-        return _refuse(probe, f"compensation of {step!r} is on attempt {want}, not {attempt}")
-    return True
+    if saga.compensation_failure is not None:
+        return _refuse(
+            probe, f"compensation of {saga.compensation_failure!r} failed; the saga is halting"
+        )
+    if not saga.compensating:
+        due = saga.next_compensation
+        if due is None:
+            return _refuse(probe, "no compensation is due")
+        if step != due:
+            return _refuse(probe, f"the next compensation is {due!r}, not {step!r}")
+    last = saga.compensation_attempts.get(step, 0)
+    return _may_start(probe, "compensation of", step, attempt, saga.compensating, last)
 
 
 def _compensation_in_flight(ev: Any) -> bool:
     probe: _Probe = ev.model
     step = ev.kwargs["step"]
-    if step not in probe.saga.compensating:
-        return _refuse(probe, f"compensation of {step!r} was not started")
+    attempt = ev.kwargs.get("attempt", probe.saga.compensating.get(step))
+    return _in_flight(probe, "compensation of", step, attempt, probe.saga.compensating)
+
+
+def _fully_compensated(ev: Any) -> bool:
+    probe: _Probe = ev.model
+    saga = probe.saga
+    if saga.compensating:
+        return _refuse(probe, f"compensation of {next(iter(saga.compensating))!r} is in flight")
+    if saga.compensation_failure is not None:
+        return _refuse(probe, f"compensation of {saga.compensation_failure!r} failed")
+    if saga.next_compensation is not None:
+        return _refuse(probe, f"step {saga.next_compensation!r} is not compensated yet")
     return True
 
 
-def _no_compensation_in_flight(ev: Any) -> bool:
+def _compensation_failed(ev: Any) -> bool:
     probe: _Probe = ev.model
-    if probe.saga.compensating:
-        step = next(iter(probe.saga.compensating))
-        return _refuse(probe, f"compensation of {step!r} is in flight")
+    saga = probe.saga
+    if saga.compensating:
+        return _refuse(probe, f"compensation of {next(iter(saga.compensating))!r} is in flight")
+    if saga.compensation_failure is None:
+        return _refuse(probe, "no compensation has failed")
+    if ev.kwargs.get("step") != saga.compensation_failure:
+        return _refuse(probe, f"the compensation that failed is {saga.compensation_failure!r}")
     return True
 
 
@@ -165,6 +208,12 @@ TRANSITIONS: list[dict[str, Any]] = [
         "trigger": "fail_step",
         "source": RUNNING,
         "dest": COMPENSATING,
+        "conditions": _step_in_flight,
+    },
+    {
+        "trigger": "reconcile_step",
+        "source": RUNNING,
+        "dest": RUNNING,
         "conditions": _step_in_flight,
     },
     {
@@ -192,16 +241,22 @@ TRANSITIONS: list[dict[str, Any]] = [
         "conditions": _compensation_in_flight,
     },
     {
+        "trigger": "reconcile_compensation",
+        "source": COMPENSATING,
+        "dest": COMPENSATING,
+        "conditions": _compensation_in_flight,
+    },
+    {
         "trigger": "compensate_saga",
         "source": COMPENSATING,
         "dest": COMPENSATED,
-        "conditions": _no_compensation_in_flight,
+        "conditions": _fully_compensated,
     },
     {
         "trigger": "halt_saga",
         "source": COMPENSATING,
         "dest": STUCK,
-        "conditions": _no_compensation_in_flight,
+        "conditions": _compensation_failed,
     },
 ]
 
@@ -218,6 +273,41 @@ MACHINE = Machine(
 TRIGGERS: tuple[str, ...] = tuple(MACHINE.events)
 
 
+def _is_plain(fsm: Machine) -> bool:
+    """True when a trigger can do no more than pick a transition and run its conditions.
+
+    That holds while the machine has no callbacks anywhere, no queue, no final state and
+    raises on invalid triggers; `check` then asks the machine's own transition table and
+    conditions directly, skipping the trigger engine's callback and logging calls (about
+    7 µs of a 9 µs trigger, a third of a POPO saga's time), with the same outcome.
+    """
+    if fsm.has_queue or fsm.ignore_invalid_triggers:
+        return False
+    machine_callbacks = (
+        fsm.prepare_event,
+        fsm.before_state_change,
+        fsm.after_state_change,
+        fsm.finalize_event,
+        fsm.on_exception,
+        fsm.on_final,
+    )
+    if any(machine_callbacks):
+        return False
+    for state in fsm.states.values():
+        if state.on_enter or state.on_exit or state.final or state.ignore_invalid_triggers:
+            return False
+    return not any(
+        transition.prepare or transition.before or transition.after
+        for event in fsm.events.values()
+        for transitions in event.transitions.values()
+        for transition in transitions
+    )
+
+
+_PLAIN = _is_plain(MACHINE)
+_STATES: Mapping[str, Any] = MACHINE.states
+
+
 def check(saga: SagaState, trigger: str, data: Mapping[str, Any]) -> str:
     """The state `trigger` leads `saga` to, or `IllegalTransition` if it is not legal.
 
@@ -227,13 +317,31 @@ def check(saga: SagaState, trigger: str, data: Mapping[str, Any]) -> str:
     if event is None:
         raise IllegalTransition(saga.id, saga.status, trigger, "unknown trigger")
     probe = _Probe(saga)
-    try:
-        ok = event.trigger(probe, **data)
-    except MachineError:
-        raise IllegalTransition(saga.id, saga.status, trigger) from None
-    if not ok:
-        raise IllegalTransition(saga.id, saga.status, trigger, probe.reason)
-    return probe.state
+    if not _PLAIN:
+        try:
+            ok = event.trigger(probe, **data)
+        except MachineError:
+            raise IllegalTransition(saga.id, saga.status, trigger) from None
+        if not ok:
+            raise IllegalTransition(saga.id, saga.status, trigger, probe.reason)
+        return probe.state
+    # What `event.trigger` does on a plain machine: the first transition from this state
+    # whose conditions all hold, in declaration order, wins.
+    status = saga.status
+    state = _STATES.get(status) or MACHINE.get_state(status)  # unknown: ValueError, as there
+    candidates = event.transitions.get(status)  # .get: never grow the defaultdict
+    if candidates is None:
+        raise IllegalTransition(saga.id, status, trigger)
+    event_data = EventData(state, event, MACHINE, probe, args=(), kwargs=dict(data))
+    for transition in candidates:
+        event_data.transition = transition
+        for condition in transition.conditions:
+            if not condition.check(event_data):
+                break
+        else:
+            dest: str = transition.dest or status
+            return dest
+    raise IllegalTransition(saga.id, status, trigger, probe.reason)
 
 
 def legal_triggers(state: str) -> Sequence[str]:

@@ -1,0 +1,92 @@
+"""In memory: eventsourcing's POPO recorder, plus the saga status projection.
+
+The status rows live in a dict updated under the recorder's own lock, in the
+same call that appends the events, so a reader never sees one without the other.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.popo import POPOApplicationRecorder
+
+from saga_es.status import SagaStatus
+
+RECORDER_TOPIC = "saga_es.popo:POPOSagaRecorder"
+
+
+class POPOSagaRecorder(POPOApplicationRecorder):
+    """POPO events and notification log, with one status row per saga."""
+
+    wants_status_rows = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[UUID, SagaStatus] = {}
+
+    def _update_table(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = super()._update_table(stored_events, **kwargs)
+        for row in kwargs.get("saga_statuses", ()):
+            self._statuses[row.saga_id] = row
+        return ids
+
+    def select_statuses(
+        self,
+        *,
+        statuses: Sequence[str] = (),
+        name: str | None = None,
+        key: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        after: UUID | None = None,
+        limit: int = 100,
+    ) -> list[SagaStatus]:
+        """Rows matching every filter, ordered by (started_at, saga_id)."""
+        with self._database_lock:
+            rows = sorted(self._statuses.values(), key=_order)
+            start = self._statuses.get(after) if after is not None else None
+        selected = []
+        for row in rows:
+            if start is not None and _order(row) <= _order(start):
+                continue
+            if statuses and row.status not in statuses:
+                continue
+            if name is not None and row.name != name:
+                continue
+            if key is not None and row.key != key:
+                continue
+            if started_after is not None and row.started_at <= started_after:
+                continue
+            if started_before is not None and row.started_at >= started_before:
+                continue
+            selected.append(row)
+            if len(selected) == limit:
+                break
+        return selected
+
+    def count_statuses(self) -> dict[tuple[str, str], int]:
+        """Number of sagas per (definition name, status)."""
+        with self._database_lock:
+            return dict(Counter((row.name, row.status) for row in self._statuses.values()))
+
+    def write_statuses(self, rows: Sequence[SagaStatus]) -> None:
+        """Upsert rows on their own."""
+        with self._database_lock:
+            for row in rows:
+                self._statuses[row.saga_id] = row
+
+    def delete_statuses(self) -> None:
+        """Remove every row."""
+        with self._database_lock:
+            self._statuses.clear()
+
+
+def _order(row: SagaStatus) -> tuple[datetime, str]:
+    return row.started_at, str(row.saga_id)

@@ -1,0 +1,345 @@
+"""PostgreSQL: a save in one round trip, keeping eventsourcing's gapless notification log.
+
+eventsourcing's `PostgresApplicationRecorder` saves in a pipelined transaction
+(BEGIN; SET LOCAL lock_timeout; LOCK TABLE; NOTIFY; INSERT; sync; COMMIT). Its
+table lock keeps the integer notification log gapless for followers reading by
+id, but the shape of the exchange, not the lock, costs it about 60% of the
+commit floor (see the shared notes, section 13).
+
+`PostgresOneCallRecorder` does the same work inside a plpgsql function, called
+as ONE statement on an autocommit connection: the call's own transaction takes
+the table lock, notifies, inserts the rows and returns their notification ids,
+and commits when the statement ends, so the lock is held until the commit is
+flushed and ids still commit in order. The table, the composite type, the
+notification log and `select_notifications` are eventsourcing's, unchanged; a
+version conflict fails the whole statement (eventsourcing's `IntegrityError`,
+nothing written).
+
+It also keeps one pool connection for its saves (under a lock of its own: the
+table lock lets one writer in at a time anyway) instead of borrowing one per
+save, which costs more Python after each commit than the round trip it wraps.
+`close()` gives it back; `SagaApplication.close()` calls it. With a pool of one
+connection it borrows per save, so readers are never starved.
+
+`SagaApplication` uses it on PostgreSQL unless `APPLICATION_RECORDER_TOPIC` names
+another recorder; set it to `eventsourcing.postgres:PostgresApplicationRecorder`
+for the stock one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from eventsourcing.persistence import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    NotSupportedError,
+    OperationalError,
+    PersistenceError,
+    ProgrammingError,
+    StoredEvent,
+)
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import retry
+from psycopg import Connection, Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+from psycopg.types.composite import register_composite
+
+from saga_es.status import SagaStatus, where
+
+ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
+"""What `SagaApplication` sets `APPLICATION_RECORDER_TOPIC` to on PostgreSQL by default."""
+
+STOCK_RECORDER_TOPIC = "eventsourcing.postgres:PostgresApplicationRecorder"
+"""Set `APPLICATION_RECORDER_TOPIC` to this for eventsourcing's own recorder."""
+
+# As `PostgresDatastore.get_connection` translates them: subclasses before their bases.
+_ERRORS: tuple[tuple[type[psycopg.Error], type[PersistenceError]], ...] = (
+    (psycopg.InterfaceError, InterfaceError),
+    (psycopg.OperationalError, OperationalError),
+    (psycopg.DataError, DataError),
+    (psycopg.IntegrityError, IntegrityError),
+    (psycopg.InternalError, InternalError),
+    (psycopg.ProgrammingError, ProgrammingError),
+    (psycopg.NotSupportedError, NotSupportedError),
+    (psycopg.DatabaseError, DatabaseError),
+)
+
+
+def _translate(error: psycopg.Error) -> PersistenceError:
+    """The eventsourcing error for a driver error, as the stock recorder raises it."""
+    for driver_error, persistence_error in _ERRORS:
+        if isinstance(error, driver_error):
+            return persistence_error(str(error))
+    return PersistenceError(str(error))
+
+
+class PostgresOneCallRecorder(PostgresApplicationRecorder):
+    """Saves events with one autocommit call of a function that locks, notifies and inserts."""
+
+    def __init__(
+        self,
+        datastore: PostgresDatastore,
+        *,
+        events_table_name: str = "stored_events",
+    ) -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        self.insert_function_name = f"{events_table_name}_insert"
+        self.check_identifier_length(self.insert_function_name)
+        schema = Identifier(self.datastore.schema)
+        function = Identifier(self.insert_function_name)
+        table = Identifier(self.events_table_name)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE OR REPLACE FUNCTION {schema}.{function}"
+                "(events {schema}.{event_type}[], timeout text) "
+                "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
+                "BEGIN "
+                "PERFORM set_config('lock_timeout', timeout, true); "
+                "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
+                "NOTIFY {channel}; "
+                "RETURN QUERY "
+                "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+                "SELECT originator_id, originator_version, topic, state FROM unnest(events) "
+                "RETURNING notification_id; "
+                "END; "
+                "$BODY$"
+            ).format(
+                schema=schema,
+                function=function,
+                event_type=Identifier(self.stored_event_type_name),
+                table=table,
+                channel=Identifier(self.channel_name),
+            )
+        )
+        self._add_status_projection()
+        self.insert_call_statement = SQL(
+            "SELECT {schema}.{function}(%s, %s) AS notification_id"
+        ).format(schema=schema, function=function)
+        # Passed on each call (as stock's SET LOCAL does), not baked into the function
+        # that every application on this table shares.
+        self.lock_timeout = f"{self.datastore.lock_timeout}s"
+        self._writer: Connection[DictRow] | None = None
+        self._writer_lock = threading.Lock()
+
+    wants_status_rows = False
+    """The status rows are derived from each saga event by a trigger, in the same transaction."""
+
+    def _add_status_projection(self) -> None:
+        """The status table, and the trigger that derives its rows from saga events."""
+        self.status_table_name = f"{self.events_table_name}_status"
+        self.check_identifier_length(f"{self.status_table_name}_by_status")
+        ids = {
+            "schema": Identifier(self.datastore.schema),
+            "table": Identifier(self.events_table_name),
+            "status": Identifier(self.status_table_name),
+            "function": Identifier(f"{self.status_table_name}_from_events"),
+            "trigger": Identifier(f"{self.status_table_name}_from_events"),
+            "id_type": Identifier(self.datastore.originator_id_type),
+        }
+        self._status = ids
+        statements = [
+            "CREATE TABLE IF NOT EXISTS {schema}.{status} ("
+            "saga_id {id_type} PRIMARY KEY, name text, definition_version integer, key text, "
+            "status text, step text, version bigint, started_at timestamptz, "
+            "updated_at timestamptz)",
+            "CREATE INDEX IF NOT EXISTS {by_status} ON {schema}.{status} "
+            "(status, started_at, saga_id)",
+            "CREATE INDEX IF NOT EXISTS {by_name} ON {schema}.{status} (name, started_at, saga_id)",
+            "CREATE INDEX IF NOT EXISTS {by_key} ON {schema}.{status} (key)",
+            "CREATE INDEX IF NOT EXISTS {by_start} ON {schema}.{status} (started_at, saga_id)",
+            "CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger "
+            "LANGUAGE plpgsql AS $BODY$ "
+            "DECLARE s jsonb; at timestamptz; "
+            "BEGIN "
+            "s := convert_from(NEW.state, 'UTF8')::jsonb; "
+            "at := (s->'timestamp'->>'_data_')::timestamptz; "
+            "INSERT INTO {schema}.{status} AS t (saga_id, name, definition_version, key, "
+            "status, step, version, started_at, updated_at) VALUES (NEW.originator_id, "
+            "s->>'name', (s->>'definition_version')::integer, s->>'key', s->>'to_state', "
+            "s->>'step', NEW.originator_version, at, at) "
+            "ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status, "
+            "step = COALESCE(EXCLUDED.step, t.step), version = EXCLUDED.version, "
+            "updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version; "
+            "RETURN NULL; "
+            "END; $BODY$",
+            # Only JSON states ('{' first): a ciphered or compressed state is opaque here.
+            "CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT ON {schema}.{table} "
+            "FOR EACH ROW WHEN (NEW.topic LIKE 'saga_es:%' AND get_byte(NEW.state, 0) = 123) "
+            "EXECUTE FUNCTION {schema}.{function}()",
+        ]
+        names = {
+            f"by_{suffix}": Identifier(f"{self.status_table_name}_by_{suffix}")
+            for suffix in ("status", "name", "key", "start")
+        }
+        for statement in statements:
+            self.sql_create_statements.append(SQL(statement).format(**ids, **names))
+
+    def select_statuses(
+        self,
+        *,
+        statuses: Sequence[str] = (),
+        name: str | None = None,
+        key: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        after: UUID | None = None,
+        limit: int = 100,
+    ) -> list[SagaStatus]:
+        """Rows matching every filter, ordered by (started_at, saga_id)."""
+        filters, params = where(
+            "%s",
+            statuses=statuses,
+            name=name,
+            key=key,
+            started_after=started_after,
+            started_before=started_before,
+            after=after,
+            saga_id=self._saga_id,
+        )
+        table = SQL("{schema}.{status}").format(**self._status).as_string()
+        statement = f"SELECT * FROM {table} s{filters.format(table=table)} LIMIT %s"
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(statement.encode(), [*params, limit])
+            return [_status(row) for row in curs.fetchall()]
+
+    def count_statuses(self) -> dict[tuple[str, str], int]:
+        """Number of sagas per (definition name, status)."""
+        statement = SQL(
+            "SELECT name, status, COUNT(*) AS n FROM {schema}.{status} GROUP BY 1, 2"
+        ).format(**self._status)
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(statement)
+            return {(row["name"], row["status"]): row["n"] for row in curs.fetchall()}
+
+    def write_statuses(self, rows: Sequence[SagaStatus]) -> None:
+        """Upsert rows on their own."""
+        statement = SQL(
+            "INSERT INTO {schema}.{status} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
+            "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
+            "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
+            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at"
+        ).format(**self._status)
+        with self.datastore.transaction(commit=True) as curs:
+            for row in rows:
+                curs.execute(
+                    statement,
+                    (
+                        self._saga_id(row.saga_id),
+                        row.name,
+                        row.definition_version,
+                        row.key,
+                        row.status,
+                        row.step,
+                        row.version,
+                        row.started_at,
+                        row.updated_at,
+                    ),
+                )
+
+    def delete_statuses(self) -> None:
+        """Remove every row."""
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(SQL("DELETE FROM {schema}.{status}").format(**self._status))
+
+    def _saga_id(self, saga_id: UUID) -> UUID | str:
+        return saga_id if self.datastore.originator_id_type == "uuid" else str(saga_id)
+
+    def create_table(self) -> None:
+        """Create what is missing; safe when many applications start at once (notes, 12)."""
+        for attempt in range(1, 4):
+            try:
+                super().create_table()
+                return
+            except IntegrityError:
+                # Two creators raced on a CREATE TYPE (it runs in its own transaction,
+                # before the lock below): the type exists now, so the next try passes.
+                if attempt == 3:
+                    raise
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        # Tables, indexes and functions, in one transaction: creators take turns, so
+        # two CREATE TABLE IF NOT EXISTS or CREATE OR REPLACE FUNCTION never collide.
+        curs.execute(
+            SQL("SELECT pg_advisory_xact_lock(hashtext({key}))").format(
+                key=f"saga_es:create_table:{self.datastore.schema}"
+            )
+        )
+        super()._create_table(curs)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """Insert the events in one statement; their notification ids, in order."""
+        if not stored_events:
+            return None
+        rows = [
+            self.construct_pg_stored_event(s.originator_id, s.originator_version, s.topic, s.state)
+            for s in stored_events
+        ]
+        params = (rows, self.lock_timeout)
+        if self.datastore.pool.max_size < 2:  # keeping the only connection would starve reads
+            with self.datastore.get_connection() as conn, conn.cursor() as curs:
+                curs.execute(self.insert_call_statement, params, prepare=True)
+                return [row["notification_id"] for row in curs.fetchall()]
+        with self._writer_lock:
+            conn = self._writer or self._take_writer()
+            try:
+                curs = conn.execute(self.insert_call_statement, params, prepare=True)
+                return [row["notification_id"] for row in curs.fetchall()]
+            except psycopg.Error as e:
+                if conn.broken or conn.closed:
+                    self._give_back_writer()  # the retry takes a fresh one
+                raise _translate(e) from e
+
+    def _take_writer(self) -> Connection[DictRow]:
+        datastore = self.datastore
+        try:
+            timeout = datastore.pool_open_timeout
+            datastore.pool.open(timeout is not None, timeout or 30.0)
+            conn = datastore.pool.getconn()
+        except psycopg.Error as e:
+            raise _translate(e) from e
+        for info in datastore.psycopg_type_adapters.values():
+            if not conn.adapters.types.get(info.oid):
+                register_composite(info, conn)
+        self._writer = conn
+        return conn
+
+    def _give_back_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            try:
+                self.datastore.pool.putconn(conn)
+            except Exception:  # a closed pool, or not its connection any more
+                conn.close()
+
+    def close(self) -> None:
+        """Give the connection kept for saves back to the pool."""
+        with self._writer_lock:
+            self._give_back_writer()
+
+
+def _status(row: DictRow) -> SagaStatus:
+    return SagaStatus(
+        saga_id=UUID(str(row["saga_id"])),
+        name=row["name"],
+        definition_version=row["definition_version"],
+        key=row["key"],
+        status=row["status"],
+        step=row["step"],
+        version=row["version"],
+        started_at=row["started_at"].astimezone(UTC),
+        updated_at=row["updated_at"].astimezone(UTC),
+    )

@@ -1,0 +1,148 @@
+"""Recovery and verification: bring interrupted sagas to an end; audit every stream.
+
+Recovery reads the status projection for the sagas in flight (never every event),
+rebuilds each from its stream, and resumes it through the runner. Fencing comes
+from the stream: resuming first appends (an attempt's start, say) under the
+saga's version, and a worker that loses that race runs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError
+
+from saga_es import machine, runner
+from saga_es.aggregate import StreamProblem, verify_events
+from saga_es.definition import SagaDefinition
+from saga_es.errors import SagaError
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus
+
+if TYPE_CHECKING:
+    from saga_es.application import SagaApplication
+
+log = logging.getLogger("saga_es")
+
+PAGE = 500
+
+
+@dataclass
+class RecoveryReport:
+    """What one recovery pass did with each saga it found in flight."""
+
+    resumed: list[UUID] = field(default_factory=list)
+    """Resumed and driven as far as they go (normally to a terminal state)."""
+    waiting: list[UUID] = field(default_factory=list)
+    """Left alone: their current step is still within its timeout (a worker may own it)."""
+    taken_over: list[UUID] = field(default_factory=list)
+    """Another worker appended first; this one ran nothing for them."""
+    failed: dict[UUID, str] = field(default_factory=dict)
+    """Could not be resumed (no definition, unreadable stream, reconcile error): why."""
+
+    @property
+    def found(self) -> int:
+        """Sagas in flight when recovery started."""
+        return len(self.resumed) + len(self.waiting) + len(self.taken_over) + len(self.failed)
+
+
+def in_flight(app: SagaApplication) -> Iterator[SagaStatus]:
+    """Status rows of every saga neither terminal nor stuck, page by page."""
+    after: UUID | None = None
+    while True:
+        page = app.statuses(status=IN_FLIGHT_STATES, after=after, limit=PAGE)
+        yield from page
+        if len(page) < PAGE:
+            return
+        after = page[-1].saga_id
+
+
+def recover(
+    app: SagaApplication, *, progress: Callable[[int, int], None] | None = None
+) -> RecoveryReport:
+    """Resume every saga in flight whose current step has outlived its timeout."""
+    report = RecoveryReport()
+    rows = list(in_flight(app))
+    now = datetime.now(UTC)
+    for done, row in enumerate(rows, 1):
+        _recover_one(app, row, now, report)
+        if progress is not None:
+            progress(done, len(rows))
+    return report
+
+
+def _recover_one(
+    app: SagaApplication, row: SagaStatus, now: datetime, report: RecoveryReport
+) -> None:
+    saga_id = row.saga_id
+    try:
+        definition = app.definition(row.name, row.definition_version)
+        if row.status != machine.PENDING and now - row.updated_at < _timeout(app, definition, row):
+            report.waiting.append(saga_id)
+            return
+        saga = app.get(saga_id)
+    except Exception as e:  # one saga's problem never stops the others
+        _failed(report, saga_id, e)
+        return
+    if saga.status not in IN_FLIGHT_STATES:
+        return  # it ended since the projection was read
+    try:
+        first = runner.resume(saga, definition)
+        app._save(saga)  # the fencing point: this append must win the version check
+        runner.run(saga, definition, app._save, app._check_encodable, first)
+    except IntegrityError:
+        log.warning(
+            "saga %s: another worker appended first (version %s); leaving it to that worker",
+            saga_id,
+            saga.version,
+            extra={"saga_id": str(saga_id)},
+        )
+        report.taken_over.append(saga_id)
+        return
+    except Exception as e:
+        _failed(report, saga_id, e)
+        return
+    report.resumed.append(saga_id)
+
+
+def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) -> timedelta:
+    seconds = app.default_step_timeout
+    if row.step is not None:
+        with contextlib.suppress(SagaError):  # an unknown step fails when resumed
+            seconds = definition.step(row.step).timeout or seconds
+    return timedelta(seconds=seconds)
+
+
+def _failed(report: RecoveryReport, saga_id: UUID, error: Exception) -> None:
+    reason = str(error) if isinstance(error, SagaError) else f"{type(error).__name__}: {error}"
+    log.error("saga %s cannot be recovered: %s", saga_id, reason, extra={"saga_id": str(saga_id)})
+    report.failed[saga_id] = reason
+
+
+def verify(app: SagaApplication) -> list[StreamProblem]:
+    """Every stored saga stream the state machine would refuse, or cannot read, with why."""
+    problems = []
+    for saga_id in app.stream_ids():
+        problem = verify_stream(app, saga_id)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def verify_stream(app: SagaApplication, saga_id: UUID) -> StreamProblem | None:
+    """The first problem in one saga's stored stream, if any."""
+    events = []
+    for record in app.recorder.select_events(saga_id):
+        try:
+            events.append(app.mapper.to_domain_event(record))
+        except Exception as e:
+            reason = f"cannot be read ({type(e).__name__}: {e})"
+            return StreamProblem(saga_id, record.originator_version, record.topic, reason)
+    if not events:
+        return StreamProblem(saga_id, 0, "(stream)", "no events stored")
+    return verify_events(events)

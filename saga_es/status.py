@@ -1,0 +1,138 @@
+"""The status projection: one row per saga, derived from its events.
+
+Each row is computed from the saga after the events being saved have been applied,
+and written by the recorder in the same transaction as those events, so it can
+never disagree with the stream; `SagaApplication.rebuild_status()` recomputes
+every row from the events. Recovery and queries read it instead of replaying
+streams: listing the sagas in flight costs time proportional to those sagas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
+
+from saga_es import machine
+from saga_es.aggregate import Saga
+
+IN_FLIGHT_STATES = (machine.PENDING, machine.RUNNING, machine.COMPENSATING)
+"""States recovery resumes: neither terminal nor waiting for a person."""
+
+
+@dataclass(frozen=True)
+class SagaStatus:
+    """Where one saga stands, as of its latest event."""
+
+    saga_id: UUID
+    name: str
+    definition_version: int
+    key: str | None
+    status: str
+    step: str | None
+    """The step named by the saga's latest event that names one (the one in flight, if any)."""
+    version: int
+    started_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, saga: Saga) -> SagaStatus:
+        """The row for `saga` as it is now."""
+        return cls(
+            saga_id=saga.id,
+            name=saga.name,
+            definition_version=saga.definition_version,
+            key=saga.key,
+            status=saga.status,
+            step=saga.step,
+            version=saga.version,
+            started_at=saga.created_on,
+            updated_at=saga.modified_on,
+        )
+
+
+@runtime_checkable
+class StatusRecorder(Protocol):
+    """What a recorder offers on top of eventsourcing's: the status rows.
+
+    The rows are written in the same transaction as the events: either derived by the
+    database from each saga event inserted (SQLite, PostgreSQL: a trigger reads the
+    event's JSON), or, when the recorder's `wants_status_rows` is true, computed by the
+    application and passed as `insert_events(stored_events, saga_statuses=[...])`.
+    """
+
+    wants_status_rows: bool
+
+    def select_statuses(
+        self,
+        *,
+        statuses: Sequence[str] = (),
+        name: str | None = None,
+        key: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        after: UUID | None = None,
+        limit: int = 100,
+    ) -> list[SagaStatus]:
+        """Rows matching every given filter, ordered by (started_at, saga_id).
+
+        `after` is the last saga id of the previous page.
+        """
+
+    def count_statuses(self) -> dict[tuple[str, str], int]:
+        """Number of sagas per (definition name, status)."""
+
+    def write_statuses(self, rows: Sequence[SagaStatus]) -> None:
+        """Upsert rows on their own (rebuilding the projection)."""
+
+    def delete_statuses(self) -> None:
+        """Remove every row (before a rebuild)."""
+
+
+def where(
+    placeholder: str,
+    *,
+    statuses: Sequence[str] = (),
+    name: str | None = None,
+    key: str | None = None,
+    started_after: datetime | None = None,
+    started_before: datetime | None = None,
+    after: UUID | None = None,
+    saga_id: Callable[[UUID], Any] = str,
+    when: Callable[[datetime], Any] = lambda t: t,
+) -> tuple[str, list[Any]]:
+    """The filter and order (`WHERE ... ORDER BY ...`) of `select_statuses` in SQL.
+
+    `placeholder` is the driver's (`?` or `%s`); `saga_id` and `when` convert values to
+    the column types. The status table is aliased `s`; `{table}` stands for its name.
+    """
+    clauses: list[str] = []
+    params: list[Any] = []
+    if statuses:
+        clauses.append(f"s.status IN ({', '.join([placeholder] * len(statuses))})")
+        params += statuses
+    for column, value in (("s.name", name), ("s.key", key)):
+        if value is not None:
+            clauses.append(f"{column} = {placeholder}")
+            params.append(value)
+    if started_after is not None:
+        clauses.append(f"s.started_at > {placeholder}")
+        params.append(when(_utc(started_after)))
+    if started_before is not None:
+        clauses.append(f"s.started_at < {placeholder}")
+        params.append(when(_utc(started_before)))
+    if after is not None:
+        clauses.append(
+            "(s.started_at, s.saga_id) > "
+            f"(SELECT p.started_at, p.saga_id FROM {{table}} p WHERE p.saga_id = {placeholder})"
+        )
+        params.append(saga_id(after))
+    filters = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return filters + " ORDER BY s.started_at, s.saga_id", params
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive datetimes are taken as UTC, as eventsourcing's timestamps are."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

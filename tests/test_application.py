@@ -1,0 +1,395 @@
+"""SagaApplication: running, streaming, reading back, idempotent starts, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from eventsourcing.application import Application
+from pgserver import PgServer, free_port
+
+from saga_es import (
+    ConfigurationError,
+    Saga,
+    SagaApplication,
+    SagaDefinition,
+    SagaNotFound,
+    SagaUpdate,
+    Step,
+    VersionNotFound,
+)
+from saga_es.aggregate import replay
+
+Env = dict[str, str]
+DURABLE_STORES = ("sqlite", "postgres")
+
+
+class Counter:
+    """A definition whose actions count their calls; step "fail" raises."""
+
+    def __init__(self, steps: tuple[str, ...] = ("reserve", "charge"), name: str = "order"):
+        self.calls: list[str] = []
+        self.definition = SagaDefinition(
+            name, [Step(s, self._action(s), compensation=self._undo(s)) for s in steps]
+        )
+
+    def _action(self, step: str) -> Callable[[dict[str, Any], str], None]:
+        def action(context: dict[str, Any], key: str) -> None:
+            self.calls.append(step)
+            context[step] = True
+            if step == "fail":
+                raise ValueError("declined")
+
+        return action
+
+    def _undo(self, step: str) -> Callable[[dict[str, Any], str], None]:
+        def undo(context: dict[str, Any], key: str) -> None:
+            self.calls.append(f"undo {step}")
+
+        return undo
+
+
+def collect(app: SagaApplication, definition: SagaDefinition, context: Any, **kw: Any) -> Any:
+    async def main() -> list[SagaUpdate]:
+        return [update async for update in app.stream(definition, context, **kw)]
+
+    return asyncio.run(main())
+
+
+# -- running ---------------------------------------------------------------------------
+
+
+def test_run_returns_the_finished_saga_as_stored(app: SagaApplication) -> None:
+    counter = Counter()
+    saga = app.run(counter.definition, {"order": 7})
+    assert isinstance(saga, Saga)
+    assert saga.status == "completed"
+    assert (saga.name, saga.definition_version, saga.steps) == ("order", 1, ["reserve", "charge"])
+    assert saga.key is None
+    stored = app.get(saga.id)
+    assert stored.version == saga.version == len(app.history(saga.id))
+    assert stored.status == "completed"
+    assert stored.context == {"order": 7, "reserve": True, "charge": True}
+
+
+def test_arun_returns_the_finished_saga(app: SagaApplication) -> None:
+    counter = Counter(("reserve", "fail"))
+    saga = asyncio.run(app.arun(counter.definition, {}))
+    assert saga.status == "compensated"
+    assert counter.calls == ["reserve", "fail", "undo reserve"]
+    assert app.get(saga.id).status == "compensated"
+
+
+def test_run_needs_a_definition(app: SagaApplication) -> None:
+    with pytest.raises(TypeError, match="SagaDefinition"):
+        app.run("order", {})  # type: ignore[arg-type]
+
+
+def test_the_definition_version_is_recorded(app: SagaApplication) -> None:
+    definition = SagaDefinition("order", [Step("a", lambda c, k: None)], version=3)
+    saga = app.run(definition, {})
+    assert app.get(saga.id).definition_version == 3
+    assert app.history(saga.id)[0].definition_version == 3
+
+
+def test_stream_yields_one_update_per_event_once_it_is_durable(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    counter = Counter(("reserve", "fail"))
+    durable: list[int] = []
+
+    async def main() -> list[SagaUpdate]:
+        updates = []
+        async for update in app.stream(counter.definition, {"n": 1}, key="s1"):
+            # When an update arrives, its event can already be read from the store.
+            durable.append(len(reader.history(update.saga_id)) >= update.version)
+            updates.append(update)
+        return updates
+
+    updates = asyncio.run(main())
+    saga_id = SagaApplication.saga_id("order", "s1")
+    history = app.history(saga_id)
+    assert all(durable)
+    assert [u.version for u in updates] == list(range(1, len(history) + 1))
+    assert [u.event for u in updates] == [type(e).__name__ for e in history]
+    assert [u.status for u in updates] == [e.to_state for e in history]
+    assert {u.saga_id for u in updates} == {saga_id}
+    assert [u.step for u in updates][1:4] == ["reserve", "reserve", "fail"]
+    failed = next(u for u in updates if u.event == "StepFailed")
+    assert failed.error == {"type": "ValueError", "message": "declined"}
+    completed = next(u for u in updates if u.event == "StepCompleted")
+    assert completed.changes == {"reserve": True}
+    assert completed.attempt == 1
+    assert updates[-1].status == "compensated"
+
+
+def test_updates_convert_to_json(app: SagaApplication) -> None:
+    updates = collect(app, Counter().definition, {"n": 1})
+    for update in updates:
+        data = json.loads(update.to_json())
+        assert data == update.to_dict()
+        assert data["saga_id"] == str(update.saga_id)
+        assert data["version"] == update.version
+        assert data["event"] == update.event
+        assert data["status"] == update.status
+        assert data["timestamp"] == update.timestamp.isoformat()
+        assert "\n" not in update.to_json()
+    assert json.loads(updates[2].to_json())["changes"] == {"reserve": True}
+
+
+def test_update_json_writes_what_json_cannot_hold_as_strings() -> None:
+    from datetime import UTC, datetime
+
+    update = SagaUpdate(
+        saga_id=uuid4(),
+        version=3,
+        event="StepCompleted",
+        status="running",
+        timestamp=datetime(2024, 1, 1, tzinfo=UTC),
+        changes={"id": UUID(int=1)},
+    )
+    assert update.to_dict()["changes"] == {"id": str(UUID(int=1))}
+
+
+# -- reading back ----------------------------------------------------------------------
+
+
+def test_get_at_each_version_is_the_saga_as_of_that_event(app: SagaApplication) -> None:
+    saga = app.run(Counter(("reserve", "fail")).definition, {})
+    history = app.history(saga.id)
+    for version, event in enumerate(history, start=1):
+        past = app.get(saga.id, version=version)
+        assert past.version == version
+        assert past.status == event.to_state
+    assert app.get(saga.id, version=None).version == len(history)
+    assert app.get(str(saga.id)).version == len(history)
+    assert app.get(saga.id, version=2).in_flight == {"reserve": 1}
+    assert app.get(saga.id, version=3).completed == ["reserve"]
+
+
+def test_get_projects_with_the_plain_replay_loop(
+    app: SagaApplication, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # eventsourcing's default projector runs a runtime Protocol check per event.
+    import saga_es.application
+
+    saga = app.run(Counter().definition, {})
+    projected: list[int] = []
+
+    def counting(saga: Saga | None, events: Any) -> Saga | None:
+        events = list(events)
+        projected.append(len(events))
+        return replay(saga, events)
+
+    monkeypatch.setattr(saga_es.application, "replay", counting)
+    assert app.get(saga.id).version == saga.version
+    assert app.get(saga.id, version=3).version == 3
+    assert projected == [saga.version, 3]
+
+
+@pytest.mark.parametrize("version", [0, -1, 99])
+def test_a_version_outside_the_stream_is_refused(app: SagaApplication, version: int) -> None:
+    saga = app.run(Counter().definition, {})
+    last = len(app.history(saga.id))
+    with pytest.raises(VersionNotFound) as caught:
+        app.get(saga.id, version=version if version != 99 else last + 1)
+    error = caught.value
+    assert (error.saga_id, error.last) == (saga.id, last)
+    assert isinstance(error, KeyError)
+    assert f"1..{last}" in str(error)
+
+
+def test_an_unknown_saga_is_not_found(app: SagaApplication) -> None:
+    app.run(Counter().definition, {})
+    unknown = uuid4()
+    for read in (
+        lambda: app.get(unknown),
+        lambda: app.get(unknown, version=1),
+        lambda: app.history(unknown),
+        lambda: app.get("not-a-uuid"),
+        lambda: app.history("not-a-uuid"),
+    ):
+        with pytest.raises(SagaNotFound):
+            read()
+    with pytest.raises(SagaNotFound) as caught:
+        app.get(unknown)
+    assert caught.value.saga_id == unknown
+    assert str(unknown) in str(caught.value)
+
+
+def test_history_is_every_event_in_order(app: SagaApplication) -> None:
+    saga = app.run(Counter(("a", "b")).definition, {})
+    history = app.history(saga.id)
+    assert [e.originator_version for e in history] == list(range(1, len(history) + 1))
+    assert {e.originator_id for e in history} == {saga.id}
+    assert [type(e).__name__ for e in history] == [
+        "SagaStarted",
+        "StepStarted",
+        "StepCompleted",
+        "StepStarted",
+        "StepCompleted",
+        "SagaCompleted",
+    ]
+    assert app.history(str(saga.id)) == history
+
+
+def test_sagas_lists_every_saga_in_the_order_started(app: SagaApplication) -> None:
+    assert list(app.sagas()) == []
+    definition = Counter(("a",)).definition
+    ids = [app.run(definition, {"n": n}).id for n in range(105)]  # more than one page
+    listed = list(app.sagas())
+    assert [s.id for s in listed] == ids
+    assert [s.context["n"] for s in listed] == list(range(105))
+    assert {s.status for s in listed} == {"completed"}
+
+
+def test_saga_events_are_in_the_notification_log(app: SagaApplication) -> None:
+    assert isinstance(app, Application)
+    saga = app.run(Counter(("a",)).definition, {})
+    notifications = app.notification_log.select(start=1, limit=10)
+    assert [n.originator_version for n in notifications] == [1, 2, 3, 4]
+    assert {n.originator_id for n in notifications} == {saga.id}
+    assert notifications[0].topic == "saga_es:SagaStarted"
+
+
+# -- idempotent starts -----------------------------------------------------------------
+
+
+def test_starting_twice_with_the_same_key_returns_the_first_saga(app: SagaApplication) -> None:
+    counter = Counter()
+    first = app.run(counter.definition, {"try": 1}, key="order-42")
+    again = app.run(counter.definition, {"try": 2}, key="order-42")
+    assert counter.calls == ["reserve", "charge"]
+    assert again.id == first.id == SagaApplication.saga_id("order", "order-42")
+    assert again.version == first.version
+    assert again.context == {"try": 1, "reserve": True, "charge": True}
+    assert again.key == "order-42"
+    via_arun = asyncio.run(app.arun(counter.definition, {"try": 3}, key="order-42"))
+    assert via_arun.id == first.id
+    updates = collect(app, counter.definition, {"try": 4}, key="order-42")
+    assert [u.version for u in updates] == list(range(1, first.version + 1))
+    assert counter.calls == ["reserve", "charge"]
+    other = app.run(counter.definition, {}, key="order-43")
+    assert other.id != first.id
+    assert counter.calls == ["reserve", "charge"] * 2
+    assert len(list(app.sagas())) == 2
+
+
+def test_a_key_is_scoped_to_the_definition_name(app: SagaApplication) -> None:
+    one, two = Counter(name="order"), Counter(name="refund")
+    assert app.run(one.definition, {}, key="k").id != app.run(two.definition, {}, key="k").id
+    assert one.calls == two.calls == ["reserve", "charge"]
+
+
+def test_a_compensated_saga_is_not_run_again_under_its_key(app: SagaApplication) -> None:
+    counter = Counter(("reserve", "fail"))
+    first = app.run(counter.definition, {}, key="k")
+    again = app.run(counter.definition, {}, key="k")
+    assert first.status == again.status == "compensated"
+    assert counter.calls == ["reserve", "fail", "undo reserve"]
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_the_same_key_in_a_second_application_on_the_store_runs_nothing(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    counter = Counter()
+    first = app.run(counter.definition, {}, key="order-42")
+    later = open_app(env)
+    again = later.run(counter.definition, {}, key="order-42")
+    assert again.id == first.id
+    assert again.status == "completed"
+    assert counter.calls == ["reserve", "charge"]
+    assert len(later.history(first.id)) == len(app.history(first.id))
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_a_second_application_reads_what_the_first_wrote(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    done = app.run(Counter().definition, {"who": "ada"})
+    undone = app.run(Counter(("reserve", "fail")).definition, {"who": "blaise"})
+    later = open_app(env)
+    assert [s.id for s in later.sagas()] == [done.id, undone.id]
+    for saga in (done, undone):
+        stored = later.get(saga.id)
+        assert stored.status == saga.status
+        assert stored.version == saga.version
+        assert stored.context == saga.context
+        assert later.history(saga.id) == app.history(saga.id)
+        assert later.get(saga.id, version=2).status == "running"
+
+
+def test_the_default_application_stores_in_saga_es_db_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("PERSISTENCE_MODULE", "SQLITE_DBNAME", "SAGAAPPLICATION_SQLITE_DBNAME"):
+        monkeypatch.delenv(name, raising=False)  # the defaults under test, not the shell's
+    monkeypatch.chdir(tmp_path)
+    counter = Counter()
+    with SagaApplication() as app:
+        saga = app.run(counter.definition, {})
+    assert (tmp_path / "saga_es.db").is_file()
+    with SagaApplication() as later:
+        assert later.get(saga.id).status == "completed"
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def bad_postgres(pg_server: PgServer, **changes: str | None) -> Env:
+    env = pg_server.env("postgres")
+    env["POSTGRES_CONNECT_TIMEOUT"] = "2"
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name)
+        else:
+            env[name] = value
+    return env
+
+
+@pytest.mark.parametrize(
+    ("changes", "setting"),
+    [
+        ({"POSTGRES_PORT": "<free>"}, "POSTGRES_PORT"),
+        ({"POSTGRES_PASSWORD": "wrong-pass-5c1f"}, "POSTGRES_PASSWORD"),
+        ({"POSTGRES_DBNAME": None}, "POSTGRES_DBNAME"),
+        ({"POSTGRES_DBNAME": "no_such_database"}, "POSTGRES_DBNAME"),
+    ],
+    ids=["bad-port", "bad-password", "missing-dbname", "unknown-dbname"],
+)
+def test_wrong_postgres_settings_name_the_setting_and_hide_the_password(
+    pg_server: PgServer, changes: dict[str, str | None], setting: str
+) -> None:
+    if changes.get("POSTGRES_PORT") == "<free>":
+        changes = {"POSTGRES_PORT": str(free_port())}
+    env = bad_postgres(pg_server, **changes)
+    with pytest.raises(ConfigurationError) as caught:
+        SagaApplication(env=env).close()
+    error = caught.value
+    assert error.setting == setting, str(error)
+    assert str(error).startswith(f"{setting}: ")
+    for secret in (pg_server.password, "wrong-pass-5c1f"):
+        assert secret not in str(error)
+        assert secret not in repr(error)
+
+
+def test_an_unknown_persistence_module_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        SagaApplication(env={"PERSISTENCE_MODULE": "no.such.module"})
+    assert caught.value.setting == "PERSISTENCE_MODULE"
+
+
+def test_an_unusable_sqlite_file_is_a_configuration_error(tmp_path: Path) -> None:
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": str(tmp_path / "missing-folder" / "sagas.db"),
+    }
+    with pytest.raises(ConfigurationError) as caught:
+        SagaApplication(env=env)
+    assert caught.value.setting == "SQLITE_DBNAME"

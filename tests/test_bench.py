@@ -1,0 +1,262 @@
+"""`saga-es bench`, run in-process with tiny numbers: the shape of its figures, not their values.
+
+Also: the speed paths the bench motivated keep behaviour (the machine's fast check
+agrees with transitions' own trigger; the SQLite writer recorder is the default).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from click.testing import CliRunner
+from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from transitions import MachineError
+
+from saga_es import IllegalTransition, Saga, SagaApplication, SagaDefinition, Step, machine
+from saga_es.bench import bench_command
+from saga_es.cli import cli
+from saga_es.sqlite import STOCK_RECORDER_TOPIC, SQLiteWriterRecorder
+
+Env = dict[str, str]
+NO_POSTGRES = {k: None for k in ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER")}
+
+
+def _bench(args: list[str], env: dict[str, str | None] | None = None) -> Any:
+    return CliRunner().invoke(bench_command, args, env=env or NO_POSTGRES, catch_exceptions=False)
+
+
+def _postgres_options(env: Env) -> list[str]:
+    return [
+        "--postgres-dbname",
+        env["POSTGRES_DBNAME"],
+        "--postgres-host",
+        env["POSTGRES_HOST"],
+        "--postgres-port",
+        env["POSTGRES_PORT"],
+        "--postgres-user",
+        env["POSTGRES_USER"],
+        "--postgres-password",
+        env["POSTGRES_PASSWORD"],
+    ]
+
+
+def _by_store(path: Path) -> dict[str, dict[str, Any]]:
+    data = json.loads(path.read_text())
+    assert data["sagas"] == 3
+    assert data["rounds"] == 2
+    assert data["steps"] == 5
+    return {s["store"]: s for s in data["stores"]}
+
+
+def _assert_durable(figures: dict[str, Any]) -> None:
+    assert figures["skipped"] is None
+    assert figures["commits_per_saga"] == 6  # k + 1 for k = 5, counted at the recorder
+    assert len(figures["saga_rounds"]) == len(figures["floor_rounds"]) == 2
+    assert figures["floor_per_s"] > 0
+    assert figures["floor_transactions_per_round"] == 6 * 3
+    assert figures["ratio"] == pytest.approx(figures["sagas_per_s"] / figures["floor_per_s"])
+    assert isinstance(figures["met"], bool)
+
+
+def test_bench_on_popo_and_sqlite_writes_the_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = _bench(
+        ["--sagas", "3", "--rounds", "2", "--stores", "popo,sqlite", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    stores = _by_store(out)
+    assert list(stores) == ["popo", "sqlite"]
+
+    popo = stores["popo"]
+    assert popo["commits_per_saga"] == 6
+    assert popo["floor_per_s"] is None  # the POPO target is absolute
+    assert popo["ratio"] is None
+    assert popo["sagas_per_s"] > 0
+    assert len(popo["saga_rounds"]) == 2
+
+    sqlite = stores["sqlite"]
+    _assert_durable(sqlite)
+    assert sqlite["recorder"] == "saga_es.sqlite.SQLiteWriterRecorder"
+    assert sqlite["settings"] == {"journal_mode": "wal", "synchronous": "FULL"}
+
+    for name in ("popo", "sqlite", "saga/floor", "commits/saga"):
+        assert name in result.output
+
+
+def test_bench_says_postgres_is_skipped_when_not_configured(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = _bench(["-n", "3", "-r", "2", "--stores", "popo,postgres", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    stores = _by_store(out)
+    assert stores["postgres"]["skipped"].startswith("no PostgreSQL configured")
+    assert stores["postgres"]["sagas_per_s"] is None
+    assert stores["popo"]["skipped"] is None
+    assert "postgres: skipped: no PostgreSQL configured" in " ".join(result.output.split())
+
+
+def test_bench_on_postgres(tmp_path: Path, store_env: Callable[..., Env]) -> None:
+    env = store_env("postgres")
+    out = tmp_path / "bench.json"
+    both = "postgres,postgres-stock"
+    result = _bench(
+        ["-n", "3", "-r", "2", "--stores", both, "--json", str(out), *_postgres_options(env)]
+    )
+    assert result.exit_code == 0, result.output
+    stores = _by_store(out)
+    _assert_durable(stores["postgres"])
+    _assert_durable(stores["postgres-stock"])
+    assert stores["postgres"]["recorder"] == "saga_es.postgres.PostgresOneCallRecorder"
+    assert stores["postgres-stock"]["recorder"] == (
+        "eventsourcing.postgres.PostgresApplicationRecorder"
+    )
+
+
+def test_bench_fails_in_one_line_when_postgres_is_unreachable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])  # nothing listens there once closed
+    options = ["--postgres-dbname", "x", "--postgres-host", "127.0.0.1", "--postgres-port", port]
+    result = _bench(
+        ["-n", "1", "-r", "1", "--stores", "postgres", *options, "--postgres-user", "u"]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: PostgreSQL u@127.0.0.1:")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_refuses_an_unknown_store() -> None:
+    result = _bench(["--stores", "popo,mongo"])
+    assert result.exit_code == 2
+    assert "unknown store(s) mongo" in result.output
+
+
+def test_bench_is_a_subcommand_of_saga_es() -> None:
+    result = CliRunner().invoke(cli, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert "--sagas" in result.output
+
+
+# -- the speed paths keep behaviour ------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def _ok(context: Any, key: str) -> None:
+    pass
+
+
+def _fail(context: Any, key: str) -> None:
+    raise Boom("no")
+
+
+STORIES = [
+    SagaDefinition("all-ok", [Step("a", _ok, compensation=_ok), Step("b", _ok)]),
+    SagaDefinition("b-fails", [Step("a", _ok, compensation=_ok), Step("b", _fail)]),
+    SagaDefinition(
+        "undo-fails", [Step("a", _ok, compensation=_fail), Step("b", _ok), Step("c", _fail)]
+    ),
+]
+
+
+def _sagas_in_every_state() -> list[Saga]:
+    """Every version of sagas that complete, compensate and get stuck (time travel)."""
+    sagas: list[Saga] = []
+    with SagaApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}) as app:
+        for definition in STORIES:
+            saga = app.run(definition, {"n": 1})
+            sagas += [app.get(saga.id, version=v) for v in range(1, saga.version + 1)]
+    return sagas
+
+
+def _payloads(saga: Saga) -> list[dict[str, Any]]:
+    """Right and wrong steps and attempts, with every flag a guard may read."""
+    payloads: list[dict[str, Any]] = [{}, {"step": "a"}]
+    for step in [*saga.steps, "zz"]:
+        for attempt in (1, 2):
+            for flag in (True, False):
+                payloads.append(
+                    {
+                        "step": step,
+                        "attempt": attempt,
+                        "will_retry": flag,
+                        "compensate": flag,
+                        "took_effect": flag,
+                    }
+                )
+    return payloads
+
+
+def _outcome(run: Callable[[], str]) -> tuple[str, str]:
+    try:
+        return ("ok", run())
+    except IllegalTransition as e:
+        return ("refused", e.reason)
+    except Exception as e:  # a guard given too little data raises alike on both paths
+        return ("raised", type(e).__name__)
+
+
+def _by_trigger(saga: Saga, trigger: str, data: dict[str, Any]) -> str:
+    """What `check` decided before its fast path: ask transitions' own trigger."""
+    event = machine.MACHINE.events[trigger]
+    probe = machine._Probe(saga)
+    try:
+        ok = event.trigger(probe, **data)
+    except MachineError:
+        raise IllegalTransition(saga.id, saga.status, trigger) from None
+    if not ok:
+        raise IllegalTransition(saga.id, saga.status, trigger, probe.reason)
+    return str(probe.state)
+
+
+def test_the_fast_check_agrees_with_the_machines_own_trigger() -> None:
+    assert machine._PLAIN, "the machine gained callbacks: check() now takes the slow path"
+    compared, accepted, statuses = 0, 0, set()
+    for saga in _sagas_in_every_state():
+        statuses.add(saga.status)
+        for trigger in machine.TRIGGERS:
+            for data in _payloads(saga):
+                fast = _outcome(partial(machine.check, saga, trigger, data))
+                slow = _outcome(partial(_by_trigger, saga, trigger, data))
+                assert fast == slow, (saga.status, trigger, data)
+                compared += 1
+                accepted += fast[0] == "ok"
+    assert statuses >= {"pending", "running", "completed", "compensating", "compensated"}
+    assert compared > 1000
+    assert accepted > 20
+
+
+def test_sqlite_uses_the_writer_recorder_unless_told_otherwise(tmp_path: Path) -> None:
+    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp_path / "a.db")}
+    with SagaApplication(env=env) as app:
+        assert type(app.recorder) is SQLiteWriterRecorder
+    with SagaApplication(env={**env, "APPLICATION_RECORDER_TOPIC": STOCK_RECORDER_TOPIC}) as app:
+        assert type(app.recorder) is SQLiteApplicationRecorder
+
+
+def test_sqlite_writer_recorder_conflict_writes_nothing_and_ids_stay_in_order(
+    tmp_path: Path,
+) -> None:
+    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp_path / "a.db")}
+    with SagaApplication(env=env) as app:
+        recorder = app.recorder
+        a, b = uuid4(), uuid4()
+
+        def stored(originator: Any, version: int) -> StoredEvent:
+            return StoredEvent(originator, version, "tests:E", b"{}")
+
+        assert recorder.insert_events([stored(a, 1), stored(a, 2)]) == [1, 2]
+        with pytest.raises(IntegrityError):
+            recorder.insert_events([stored(b, 1), stored(a, 2)])
+        assert recorder.select_events(b) == []
+        assert recorder.insert_events([stored(b, 1)]) == [3]
+        assert [n.id for n in recorder.select_notifications(1, limit=10)] == [1, 2, 3]
