@@ -32,6 +32,8 @@ from eventsourcing.persistence import ApplicationRecorder, StoredEvent
 from rich.console import Console
 from rich.table import Table
 
+from saga_es import recovery
+from saga_es.aggregate import Saga
 from saga_es.application import SagaApplication
 from saga_es.definition import SagaDefinition, Step
 from saga_es.machine import COMPLETED
@@ -103,6 +105,20 @@ class StoreResult:
 
 
 @dataclass
+class RecoveryResult:
+    """How fast one store rebuilds and resumes interrupted sagas."""
+
+    store: str
+    sagas: int
+    events_replayed_per_s: float = 0.0
+    """Events per second while rebuilding every interrupted saga from its stream."""
+    recovered_per_s: float = 0.0
+    """Sagas per second through `recover()`: find, rebuild, resume and finish each."""
+    resumed: int = 0
+    skipped: str | None = None
+
+
+@dataclass
 class BenchResult:
     """Every figure of one bench run, as `--json` writes it."""
 
@@ -113,6 +129,7 @@ class BenchResult:
     machine: str
     cpus: int
     stores: list[StoreResult]
+    recovery: list[RecoveryResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -366,26 +383,97 @@ def _bench_store(
     return result
 
 
+_NO_POSTGRES = (
+    "no PostgreSQL configured: set POSTGRES_DBNAME, POSTGRES_HOST, "
+    "POSTGRES_USER and POSTGRES_PASSWORD (or pass --postgres-*)"
+)
+INTERRUPTED_AT = 3
+"""Recovery bench sagas stop with this step's action in flight (outcome unknown)."""
+
+
+def _interrupted_sagas(n: int) -> Iterator[Saga]:
+    """Sagas as a crash leaves them: steps before `INTERRUPTED_AT` done, that one in flight."""
+    for i in range(n):
+        saga = Saga.start(
+            id=uuid.uuid4(),
+            name=DEFINITION.name,
+            definition_version=DEFINITION.version,
+            steps=DEFINITION.step_names,
+            compensable=DEFINITION.compensable,
+            key=None,
+            context_type="builtins:dict",
+            context={"n": i},
+        )
+        for step in DEFINITION.step_names[: INTERRUPTED_AT - 1]:
+            saga.start_step(step, 1)
+            saga.complete_step(step, 1, changes={}, removed=[])
+        saga.start_step(DEFINITION.step_names[INTERRUPTED_AT - 1], 1)
+        yield saga
+
+
+def _bench_recovery(
+    store: str,
+    n: int,
+    workdir: Path,
+    postgres: PostgresSettings | None,
+    progress: Callable[[str], None],
+) -> RecoveryResult:
+    result = RecoveryResult(store=store, sagas=n)
+    with _store(store, workdir, postgres) as (app, _, _):
+        app.register(DEFINITION)
+        app.default_step_timeout = 0.0
+        progress(f"{store}: recovery: writing {n:,} interrupted sagas")
+        batch: list[Saga] = []
+        for saga in _interrupted_sagas(n):
+            batch.append(saga)
+            if len(batch) == 500:
+                app.save(*batch)
+                batch = []
+        if batch:
+            app.save(*batch)
+        ids = [row.saga_id for row in recovery.in_flight(app)]
+        progress(f"{store}: recovery: rebuilding {len(ids):,} sagas")
+        started = time.perf_counter()
+        events = sum(app.get(saga_id).version for saga_id in ids)
+        result.events_replayed_per_s = events / (time.perf_counter() - started)
+        progress(f"{store}: recovery: recovering {len(ids):,} sagas")
+        started = time.perf_counter()
+        report = app.recover()
+        result.recovered_per_s = len(report.resumed) / (time.perf_counter() - started)
+        result.resumed = len(report.resumed)
+        if result.resumed != n or report.failed:
+            raise click.ClickException(f"{store}: recovery resumed {result.resumed} of {n} sagas")
+    return result
+
+
 def run_bench(
     *,
     sagas: int = 300,
     rounds: int = 5,
     stores: Sequence[str] = STORES,
     postgres: PostgresSettings | None = None,
+    recovery_sagas: int = 0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> BenchResult:
-    """Measure each store in turn; PostgreSQL is skipped (and says so) without settings."""
+    """Measure each store in turn; PostgreSQL is skipped (and says so) without settings.
+
+    With `recovery_sagas`, each durable store also recovers that many interrupted sagas.
+    """
     results: list[StoreResult] = []
+    recoveries: list[RecoveryResult] = []
     with tempfile.TemporaryDirectory(prefix="saga-es-bench-") as tmp:
         for store in stores:
-            if store.startswith("postgres") and postgres is None:
-                results.append(
-                    StoreResult(
-                        store=store,
-                        skipped="no PostgreSQL configured: set POSTGRES_DBNAME, POSTGRES_HOST, "
-                        "POSTGRES_USER and POSTGRES_PASSWORD (or pass --postgres-*)",
+            if recovery_sagas and store in ("sqlite", "postgres"):
+                workdir = Path(tmp) / f"{store}-recovery"
+                workdir.mkdir()
+                if store == "postgres" and postgres is None:
+                    recoveries.append(RecoveryResult(store, recovery_sagas, skipped=_NO_POSTGRES))
+                else:
+                    recoveries.append(
+                        _bench_recovery(store, recovery_sagas, workdir, postgres, progress)
                     )
-                )
+            if store.startswith("postgres") and postgres is None:
+                results.append(StoreResult(store=store, skipped=_NO_POSTGRES))
                 continue
             workdir = Path(tmp) / store
             workdir.mkdir()
@@ -407,6 +495,7 @@ def run_bench(
         machine=platform.platform(),
         cpus=os.cpu_count() or 0,
         stores=results,
+        recovery=recoveries,
     )
 
 
@@ -447,6 +536,25 @@ def render(result: BenchResult, console: Console) -> None:
             extra = ", ".join(f"{k}={v}" for k, v in s.settings.items())
             line = f"{s.store}: recorder {s.recorder}" + (f" ({extra})" if extra else "")
             console.print(line, highlight=False)
+    if result.recovery:
+        recovery_table = Table(
+            title=f"recovery: interrupted {result.steps}-step sagas (step {INTERRUPTED_AT} in "
+            "flight) rebuilt from their streams and resumed to completion",
+            title_justify="left",
+        )
+        for name in ("store", "sagas", "events replayed/s", "sagas recovered/s"):
+            recovery_table.add_column(name, justify="left" if name == "store" else "right")
+        for r in result.recovery:
+            if r.skipped:
+                recovery_table.add_row(r.store, f"{r.sagas:,}", "skipped", "")
+            else:
+                recovery_table.add_row(
+                    r.store,
+                    f"{r.sagas:,}",
+                    f"{r.events_replayed_per_s:,.0f}",
+                    f"{r.recovered_per_s:,.0f}",
+                )
+        console.print(recovery_table)
     console.print(
         "floor = the same number of single-row INSERT+COMMIT transactions per saga on the "
         "same store in the same run, bare driver (sqlite3 in WAL with synchronous=FULL; "
@@ -489,6 +597,13 @@ def _parse_stores(value: str) -> list[str]:
     help="Comma-separated stores to measure; also sqlite-stock, postgres-stock.",
 )
 @click.option(
+    "--recovery-sagas",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Interrupted sagas each durable store recovers (0: skip the recovery figure).",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -512,6 +627,7 @@ def bench_command(
     sagas: int,
     rounds: int,
     stores: str,
+    recovery_sagas: int,
     json_path: Path | None,
     postgres_dbname: str | None,
     postgres_host: str | None,
@@ -537,6 +653,7 @@ def bench_command(
         rounds=rounds,
         stores=chosen,
         postgres=postgres,
+        recovery_sagas=recovery_sagas,
         progress=lambda line: err.print(line, style="dim", highlight=False),
     )
     render(result, console)
@@ -568,4 +685,5 @@ def _check_postgres(settings: PostgresSettings) -> None:
 def results_from_json(data: Mapping[str, Any]) -> BenchResult:
     """A `BenchResult` back from what `--json` wrote (for plots and docs)."""
     stores = [StoreResult(**s) for s in data["stores"]]
-    return BenchResult(**{**data, "stores": stores})
+    recoveries = [RecoveryResult(**r) for r in data.get("recovery", [])]
+    return BenchResult(**{**data, "stores": stores, "recovery": recoveries})

@@ -111,6 +111,7 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
                 "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
                 "SELECT originator_id, originator_version, topic, state FROM unnest(events) "
                 "RETURNING notification_id; "
+                "PERFORM {schema}.{status_function}(events); "
                 "END; "
                 "$BODY$"
             ).format(
@@ -119,6 +120,7 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
                 event_type=Identifier(self.stored_event_type_name),
                 table=table,
                 channel=Identifier(self.channel_name),
+                status_function=Identifier(f"{events_table_name}_status_from_events"),
             )
         )
         self._add_status_projection()
@@ -143,7 +145,7 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
             "table": Identifier(self.events_table_name),
             "status": Identifier(self.status_table_name),
             "function": Identifier(f"{self.status_table_name}_from_events"),
-            "trigger": Identifier(f"{self.status_table_name}_from_events"),
+            "event_type": Identifier(self.stored_event_type_name),
             "id_type": Identifier(self.datastore.originator_id_type),
         }
         self._status = ids
@@ -157,25 +159,32 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
             "CREATE INDEX IF NOT EXISTS {by_name} ON {schema}.{status} (name, started_at, saga_id)",
             "CREATE INDEX IF NOT EXISTS {by_key} ON {schema}.{status} (key)",
             "CREATE INDEX IF NOT EXISTS {by_start} ON {schema}.{status} (started_at, saga_id)",
-            "CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger "
-            "LANGUAGE plpgsql AS $BODY$ "
-            "DECLARE s jsonb; at timestamptz; "
-            "BEGIN "
-            "s := convert_from(NEW.state, 'UTF8')::jsonb; "
-            "at := (s->'timestamp'->>'_data_')::timestamptz; "
+            # Called by the insert function, in its statement's transaction, once per save,
+            # set-based over the saved rows: each saga's latest event gives its status,
+            # version and time; its latest event naming a step gives the step; a
+            # SagaStarted gives the rest. Only JSON states ('{' first) are read: a ciphered
+            # or compressed state is opaque here.
+            "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event_type}[]) "
+            "RETURNS void LANGUAGE sql AS $BODY$ "
+            "WITH saga_rows AS ("
+            "SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
+            "convert_from(n.state, 'UTF8')::jsonb AS s FROM unnest(events) n "
+            "WHERE n.topic LIKE 'saga_es:%' AND get_byte(n.state, 0) = 123), "
+            "latest AS (SELECT DISTINCT ON (id) id, v, s FROM saga_rows ORDER BY id, v DESC), "
+            "steps AS (SELECT DISTINCT ON (id) id, s->>'step' AS step FROM saga_rows "
+            "WHERE s ? 'step' ORDER BY id, v DESC), "
+            "starts AS (SELECT id, s FROM saga_rows WHERE topic = 'saga_es:SagaStarted') "
             "INSERT INTO {schema}.{status} AS t (saga_id, name, definition_version, key, "
-            "status, step, version, started_at, updated_at) VALUES (NEW.originator_id, "
-            "s->>'name', (s->>'definition_version')::integer, s->>'key', s->>'to_state', "
-            "s->>'step', NEW.originator_version, at, at) "
+            "status, step, version, started_at, updated_at) "
+            "SELECT l.id, st.s->>'name', (st.s->>'definition_version')::integer, "
+            "st.s->>'key', l.s->>'to_state', sp.step, l.v, "
+            "(COALESCE(st.s, l.s)->'timestamp'->>'_data_')::timestamptz, "
+            "(l.s->'timestamp'->>'_data_')::timestamptz "
+            "FROM latest l LEFT JOIN starts st USING (id) LEFT JOIN steps sp USING (id) "
             "ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status, "
             "step = COALESCE(EXCLUDED.step, t.step), version = EXCLUDED.version, "
             "updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version; "
-            "RETURN NULL; "
-            "END; $BODY$",
-            # Only JSON states ('{' first): a ciphered or compressed state is opaque here.
-            "CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT ON {schema}.{table} "
-            "FOR EACH ROW WHEN (NEW.topic LIKE 'saga_es:%' AND get_byte(NEW.state, 0) = 123) "
-            "EXECUTE FUNCTION {schema}.{function}()",
+            "$BODY$",
         ]
         names = {
             f"by_{suffix}": Identifier(f"{self.status_table_name}_by_{suffix}")

@@ -47,7 +47,8 @@ from eventsourcing.sqlite import (
     SQLiteDatastore,
 )
 
-from saga_es.status import SagaStatus, where
+from saga_es.status import ENDING_EVENTS as _ENDING_EVENTS
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus, where
 
 MAX_ROWS_PER_STATEMENT = 500
 """Saves of up to this many events are one INSERT statement (4 bound values a row)."""
@@ -101,32 +102,50 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         return f"{self.events_table_name}_status"
 
     def construct_create_table_statements(self) -> list[str]:
-        """Eventsourcing's table, plus the status projection and the trigger that keeps it."""
-        table, status = self.events_table_name, self.status_table_name
+        """Eventsourcing's table, plus the status projection and the triggers that keep it.
+
+        Every page a commit dirties is written to the WAL and synced, so the projection
+        is kept small: one WITHOUT ROWID table of one row per saga with no secondary
+        index, and beside it the ids of the sagas in flight, a table touched only when a
+        saga starts and when it ends. Recovery reads the latter, in time proportional to
+        the sagas in flight.
+        """
+        table, status, flight = self.events_table_name, self.status_table_name, self.flight
         state = "CAST(NEW.state AS TEXT)"
         at = f"json_extract({state}, '$.timestamp._data_')"
+        saga_event = "NEW.topic LIKE 'saga_es:%' AND substr(NEW.state, 1, 1) = X'7B'"
+        ends = ", ".join(f"'saga_es:{e}'" for e in _ENDING_EVENTS)
         return [
             *super().construct_create_table_statements(),
             f"CREATE TABLE IF NOT EXISTS {status} ("
             "saga_id TEXT PRIMARY KEY, name TEXT, definition_version INTEGER, key TEXT, "
-            "status TEXT, step TEXT, version INTEGER, started_at TEXT, updated_at TEXT)",
-            f"CREATE INDEX IF NOT EXISTS {status}_by_status ON {status} "
-            "(status, started_at, saga_id)",
-            f"CREATE INDEX IF NOT EXISTS {status}_by_name ON {status} (name, started_at, saga_id)",
-            f"CREATE INDEX IF NOT EXISTS {status}_by_key ON {status} (key)",
-            f"CREATE INDEX IF NOT EXISTS {status}_by_start ON {status} (started_at, saga_id)",
-            f"CREATE TRIGGER IF NOT EXISTS {status}_from_events AFTER INSERT ON {table} "
-            f"WHEN NEW.topic LIKE 'saga_es:%' AND json_valid({state}) BEGIN "
-            f"INSERT INTO {status} (saga_id, name, definition_version, key, status, step, "
-            "version, started_at, updated_at) VALUES (NEW.originator_id, "
+            "status TEXT, step TEXT, version INTEGER, started_at TEXT, updated_at TEXT) "
+            "WITHOUT ROWID",
+            f"CREATE TABLE IF NOT EXISTS {flight} (saga_id TEXT PRIMARY KEY) WITHOUT ROWID",
+            # A saga's later events read only the three fields they change: SQLite parses
+            # the JSON once per json_extract.
+            f"CREATE TRIGGER IF NOT EXISTS {status}_from_start AFTER INSERT ON {table} "
+            f"WHEN NEW.topic = 'saga_es:SagaStarted' AND {saga_event} BEGIN "
+            f"INSERT OR REPLACE INTO {status} VALUES (NEW.originator_id, "
             f"json_extract({state}, '$.name'), json_extract({state}, '$.definition_version'), "
-            f"json_extract({state}, '$.key'), json_extract({state}, '$.to_state'), "
-            f"json_extract({state}, '$.step'), NEW.originator_version, {at}, {at}) "
-            "ON CONFLICT (saga_id) DO UPDATE SET status = excluded.status, "
-            f"step = COALESCE(excluded.step, {status}.step), version = excluded.version, "
-            f"updated_at = excluded.updated_at WHERE excluded.version > {status}.version; "
-            "END",
+            f"json_extract({state}, '$.key'), json_extract({state}, '$.to_state'), NULL, "
+            f"NEW.originator_version, {at}, {at}); "
+            f"INSERT OR IGNORE INTO {flight} VALUES (NEW.originator_id); END",
+            f"CREATE TRIGGER IF NOT EXISTS {status}_from_events AFTER INSERT ON {table} "
+            f"WHEN NEW.topic != 'saga_es:SagaStarted' AND {saga_event} BEGIN "
+            f"UPDATE {status} SET status = json_extract({state}, '$.to_state'), "
+            f"step = COALESCE(json_extract({state}, '$.step'), step), "
+            f"version = NEW.originator_version, updated_at = {at} "
+            "WHERE saga_id = NEW.originator_id AND version < NEW.originator_version; END",
+            f"CREATE TRIGGER IF NOT EXISTS {status}_ends AFTER INSERT ON {table} "
+            f"WHEN NEW.topic IN ({ends}) BEGIN "
+            f"DELETE FROM {flight} WHERE saga_id = NEW.originator_id; END",
         ]
+
+    @property
+    def flight(self) -> str:
+        """The table of the ids of the sagas in flight."""
+        return f"{self.status_table_name}_in_flight"
 
     def select_statuses(
         self,
@@ -151,10 +170,11 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             saga_id=lambda saga_id: saga_id.hex,
             when=lambda moment: moment.isoformat(),
         )
+        source = f"{self.status_table_name} s"
+        if statuses and set(statuses) <= set(IN_FLIGHT_STATES):
+            source = f"{self.flight} f JOIN {source} USING (saga_id)"
         statement = (
-            f"SELECT * FROM {self.status_table_name} s"
-            + filters.format(table=self.status_table_name)
-            + " LIMIT ?"
+            f"SELECT s.* FROM {source}" + filters.format(table=self.status_table_name) + " LIMIT ?"
         )
         with self.datastore.transaction(commit=False) as c:
             c.execute(statement, [*params, limit])
@@ -172,6 +192,10 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         statement = f"INSERT OR REPLACE INTO {self.status_table_name} VALUES (?,?,?,?,?,?,?,?,?)"
         with self.datastore.transaction(commit=True) as c:
             for row in rows:
+                if row.status in IN_FLIGHT_STATES:
+                    c.execute(f"INSERT OR IGNORE INTO {self.flight} VALUES (?)", (row.saga_id.hex,))
+                else:
+                    c.execute(f"DELETE FROM {self.flight} WHERE saga_id = ?", (row.saga_id.hex,))
                 c.execute(
                     statement,
                     (
@@ -191,6 +215,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         """Remove every row."""
         with self.datastore.transaction(commit=True) as c:
             c.execute(f"DELETE FROM {self.status_table_name}")
+            c.execute(f"DELETE FROM {self.flight}")
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any

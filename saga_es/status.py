@@ -20,6 +20,8 @@ from saga_es.aggregate import Saga
 
 IN_FLIGHT_STATES = (machine.PENDING, machine.RUNNING, machine.COMPENSATING)
 """States recovery resumes: neither terminal nor waiting for a person."""
+ENDING_EVENTS = ("SagaCompleted", "SagaCompensated", "SagaStuck")
+"""Events after which a saga is no longer in flight."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,10 @@ class StatusRecorder(Protocol):
     """What a recorder offers on top of eventsourcing's: the status rows.
 
     The rows are written in the same transaction as the events: either derived by the
-    database from each saga event inserted (SQLite, PostgreSQL: a trigger reads the
-    event's JSON), or, when the recorder's `wants_status_rows` is true, computed by the
-    application and passed as `insert_events(stored_events, saga_statuses=[...])`.
+    database from the saga events inserted (SQLite: triggers; PostgreSQL: the insert
+    function; both read each event's JSON), or, when the recorder's `wants_status_rows`
+    is true (POPO), computed by the application and passed as
+    `insert_events(stored_events, saga_statuses=[...])`.
     """
 
     wants_status_rows: bool
