@@ -145,3 +145,46 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "PERSISTENCE"))}
+
+
+def test_verify_and_recover_from_the_command_line(tmp_path: Path) -> None:
+    from saga_es.demo import CUSTOMERS, TRIP
+
+    db = tmp_path / "trips.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+    verified = runner.invoke(cli, ["verify", "--db", str(db)])
+    assert verified.exit_code == 0, verified.output
+    assert verified.output.strip().endswith("2 saga(s) checked, 0 rejected")
+
+    # A worker died right after writing ahead the first booking: its outcome is unknown.
+    with SagaApplication(env=_sqlite(db)) as app:
+        saga = app._start(TRIP, CUSTOMERS[0], None)
+        assert app._save_start(saga)
+        interrupted = saga.id
+
+    waiting = runner.invoke(cli, ["recover", "--db", str(db), "--definitions", "saga_es.demo"])
+    assert waiting.exit_code == 0, waiting.output
+    assert "0 resumed, 1 left to their worker" in waiting.output  # within the 60 s default
+
+    missing = runner.invoke(cli, ["recover", "--db", str(db)], env={"SAGA_STEP_TIMEOUT": "0"})
+    assert missing.exit_code == 1
+    assert str(interrupted) in missing.output
+    assert "no saga definition 'trip' version 1" in missing.output
+
+    done = runner.invoke(
+        cli,
+        ["recover", "--db", str(db), "--definitions", "saga_es.demo:TRIP"],
+        env={"SAGA_STEP_TIMEOUT": "0"},
+    )
+    assert done.exit_code == 0, done.output
+    assert "1 resumed" in done.output
+    with SagaApplication(env=_sqlite(db)) as app:
+        saga = app.get(interrupted)
+        assert saga.status == "completed"
+        assert saga.attempts["book_flight"] == 2  # re-run, same idempotency key
+        assert app.verify() == []
+
+    bad = runner.invoke(cli, ["recover", "--db", str(db), "--definitions", "no.such.module"])
+    assert bad.exit_code == 2
+    assert "--definitions" in bad.output
