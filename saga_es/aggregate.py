@@ -441,30 +441,36 @@ def verify_events(events: Iterable[Any]) -> StreamProblem | None:
     Unlike `replay`, this asks the machine before each event, and checks that the
     state each event records is the one the machine leads to.
     """
-    saga: Any = None
+    return replay_checked(None, events)[1]
+
+
+def replay_checked(
+    saga: Saga | None, events: Iterable[Any]
+) -> tuple[Saga | None, StreamProblem | None]:
+    """Apply `events` to `saga` (None: from the start), asking the machine first for each.
+
+    Returns the saga as far as the events were legal, and the first problem, if any.
+    """
     for event in events:
         saga_id, version = event.originator_id, event.originator_version
         trigger = getattr(type(event), "trigger", None)
         if not isinstance(event, Saga.Event) or trigger is None:
-            return StreamProblem(saga_id, version, type(event).__name__, "not a saga event")
+            return saga, StreamProblem(saga_id, version, type(event).__name__, "not a saga event")
         data = {k: v for k, v in vars(event).items() if k not in _BASE_FIELDS}
         try:
             probe = saga if saga is not None else _Unborn(saga_id)
             to_state = machine.check(probe, trigger, data)
         except IllegalTransition as e:
-            return StreamProblem(saga_id, version, trigger, e.reason or f"not legal from {e.state}")
+            reason = e.reason or f"not legal from {e.state}"
+            return saga, StreamProblem(saga_id, version, trigger, reason)
         if to_state != event.to_state:
-            return StreamProblem(
-                saga_id,
-                version,
-                trigger,
-                f"records state {event.to_state!r}; the machine leads to {to_state!r}",
-            )
+            reason = f"records state {event.to_state!r}; the machine leads to {to_state!r}"
+            return saga, StreamProblem(saga_id, version, trigger, reason)
         try:
             saga = event.mutate(saga)
         except Exception as e:
-            return StreamProblem(saga_id, version, trigger, f"cannot be applied: {e}")
-    return None
+            return saga, StreamProblem(saga_id, version, trigger, f"cannot be applied: {e}")
+    return saga, None
 
 
 def replay(saga: Saga | None, events: Iterable[Any]) -> Saga | None:

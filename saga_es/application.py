@@ -225,10 +225,11 @@ class SagaApplication(Application[UUID]):
         self, definition: SagaDefinition, context: Any, *, key: str | None = None
     ) -> Saga:
         """`run`, awaiting async steps and running sync ones in threads."""
-        saga = self._start(definition, context, key)
-        async for _ in self._drive(saga, definition):
-            pass
-        return saga
+        started = await asyncio.to_thread(self._start, definition, context, key)
+        result = started
+        async for _, stored in self._drive(started, definition):
+            result = stored
+        return result
 
     async def stream(
         self, definition: SagaDefinition, context: Any, *, key: str | None = None
@@ -238,26 +239,28 @@ class SagaApplication(Application[UUID]):
         With a known `key`, the first saga's history is yielded and nothing runs.
         """
         saga = await asyncio.to_thread(self._start, definition, context, key)
-        async for events in self._drive(saga, definition):
+        async for events, _ in self._drive(saga, definition):
             for event in events:
                 yield SagaUpdate.from_event(event)
 
     async def _drive(
         self, saga: Saga, definition: SagaDefinition
-    ) -> AsyncIterator[Sequence[Saga.Event]]:
+    ) -> AsyncIterator[tuple[Sequence[Saga.Event], Saga]]:
+        """Each commit's events, with the saga as stored (the last one is the result)."""
         if not saga.pending_events:  # started before, under the same key
-            yield await asyncio.to_thread(self.history, saga.id)
+            yield await asyncio.to_thread(self.history, saga.id), saga
             return
         events: Sequence[Saga.Event] = list(saga.pending_events)  # type: ignore[arg-type]
-        if not await asyncio.to_thread(self._save_start, saga):
-            yield await asyncio.to_thread(self.history, saga.id)
+        if not await asyncio.to_thread(self._save_start, saga):  # started meanwhile elsewhere
+            stored = await asyncio.to_thread(self.get, saga.id)
+            yield await asyncio.to_thread(self.history, saga.id), stored
             return
-        yield events
+        yield events, saga
         try:
             async for events in runner.arun(saga, definition, self._asave, self._check_encodable):
-                yield events
+                yield events, saga
         except IntegrityError:
-            await asyncio.to_thread(self._taken_over, saga)
+            yield [], await asyncio.to_thread(self._taken_over, saga)
 
     def _start(self, definition: SagaDefinition, context: Any, key: str | None) -> Saga:
         """A new saga with its first step written ahead, or the one already under `key`."""
@@ -377,7 +380,7 @@ class SagaApplication(Application[UUID]):
         except SagaError:
             raise
         except Exception as e:
-            raise self._unreadable(saga_id, e) from e
+            raise self.unreadable(saga_id, e) from e
         if version is not None and saga.version < version:
             raise VersionNotFound(saga_id, version, saga.version)
         return saga
@@ -388,7 +391,7 @@ class SagaApplication(Application[UUID]):
         try:
             events: list[Saga.Event] = list(self.events.get(saga_id))  # type: ignore[arg-type]
         except Exception as e:
-            raise self._unreadable(saga_id, e) from e
+            raise self.unreadable(saga_id, e) from e
         if not events:
             raise SagaNotFound(saga_id)
         return events
@@ -484,8 +487,8 @@ class SagaApplication(Application[UUID]):
                 return
             start = page[-1].id
 
-    def _unreadable(self, saga_id: UUID, error: Exception) -> Exception:
-        """Name the stored event that failed to decode, or return `error` if none did."""
+    def unreadable(self, saga_id: UUID, error: Exception) -> Exception:
+        """The `UnreadableEvent` naming the stored event that failed to decode, else `error`."""
         for record in self.recorder.select_events(saga_id):
             try:
                 self.mapper.to_domain_event(record)

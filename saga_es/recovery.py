@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -19,9 +19,9 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 
 from saga_es import machine, runner
-from saga_es.aggregate import StreamProblem, verify_events
+from saga_es.aggregate import Saga, StreamProblem, replay_checked, verify_events
 from saga_es.definition import SagaDefinition
-from saga_es.errors import SagaError
+from saga_es.errors import SagaError, SagaNotFound
 from saga_es.status import IN_FLIGHT_STATES, SagaStatus
 
 if TYPE_CHECKING:
@@ -42,13 +42,16 @@ class RecoveryReport:
     """Left alone: their current step is still within its timeout (a worker may own it)."""
     taken_over: list[UUID] = field(default_factory=list)
     """Another worker appended first; this one ran nothing for them."""
+    ended: list[UUID] = field(default_factory=list)
+    """Already terminal when read: another worker finished them after the listing."""
     failed: dict[UUID, str] = field(default_factory=dict)
     """Could not be resumed (no definition, unreadable stream, reconcile error): why."""
 
     @property
     def found(self) -> int:
         """Sagas in flight when recovery started."""
-        return len(self.resumed) + len(self.waiting) + len(self.taken_over) + len(self.failed)
+        lists = (self.resumed, self.waiting, self.taken_over, self.ended)
+        return sum(len(ids) for ids in lists) + len(self.failed)
 
 
 def in_flight(app: SagaApplication) -> Iterator[SagaStatus]:
@@ -85,12 +88,19 @@ def _recover_one(
         if row.status != machine.PENDING and now - row.updated_at < _timeout(app, definition, row):
             report.waiting.append(saga_id)
             return
-        saga = app.get(saga_id)
+        saga = rebuild(app, saga_id)
     except Exception as e:  # one saga's problem never stops the others
         _failed(report, saga_id, e)
         return
     if saga.status not in IN_FLIGHT_STATES:
-        return  # it ended since the projection was read
+        report.ended.append(saga_id)  # another worker finished it after the listing
+        return
+    if saga.version != row.version and saga.status != machine.PENDING:
+        # Another worker moved it after the listing: judge it by its own latest event.
+        moved = replace(row, status=saga.status, step=saga.step, updated_at=saga.modified_on)
+        if datetime.now(UTC) - saga.modified_on < _timeout(app, definition, moved):
+            report.waiting.append(saga_id)
+            return
     try:
         first = runner.resume(saga, definition)
         app._save(saga)  # the fencing point: this append must win the version check
@@ -108,6 +118,36 @@ def _recover_one(
         _failed(report, saga_id, e)
         return
     report.resumed.append(saga_id)
+
+
+class StreamRejected(SagaError):
+    """Raised when a saga's stored stream is not one the state machine would have written."""
+
+    def __init__(self, problem: StreamProblem) -> None:
+        super().__init__(f"the state machine rejects its stream: {problem}")
+        self.problem = problem
+
+
+def rebuild(app: SagaApplication, saga_id: UUID) -> Saga:
+    """The saga from its latest snapshot and the events after it, each checked by the machine.
+
+    Recovery resumes only what the machine would have written: a tampered or buggy
+    stream raises `StreamRejected`, an undecodable one `UnreadableEvent`.
+    """
+    start: Saga | None = None
+    if app.snapshots is not None:
+        for snapshot in app.snapshots.get(saga_id, desc=True, limit=1):
+            start = snapshot.mutate(None)  # type: ignore[attr-defined]
+    try:
+        events = list(app.events.get(saga_id, gt=None if start is None else start.version))
+    except Exception as e:
+        raise app.unreadable(saga_id, e) from e
+    saga, problem = replay_checked(start, events)
+    if problem is not None:
+        raise StreamRejected(problem)
+    if saga is None:
+        raise SagaNotFound(saga_id)
+    return saga
 
 
 def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) -> timedelta:

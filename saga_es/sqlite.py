@@ -125,7 +125,8 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             # A saga's later events read only the three fields they change: SQLite parses
             # the JSON once per json_extract.
             f"CREATE TRIGGER IF NOT EXISTS {status}_from_start AFTER INSERT ON {table} "
-            f"WHEN NEW.topic = 'saga_es:SagaStarted' AND {saga_event} BEGIN "
+            f"WHEN NEW.topic = 'saga_es:SagaStarted' AND {saga_event} "
+            f"AND json_extract({state}, '$.to_state') IS NOT NULL AND {at} IS NOT NULL BEGIN "
             f"INSERT OR REPLACE INTO {status} VALUES (NEW.originator_id, "
             f"json_extract({state}, '$.name'), json_extract({state}, '$.definition_version'), "
             f"json_extract({state}, '$.key'), json_extract({state}, '$.to_state'), NULL, "
@@ -133,9 +134,10 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             f"INSERT OR IGNORE INTO {flight} VALUES (NEW.originator_id); END",
             f"CREATE TRIGGER IF NOT EXISTS {status}_from_events AFTER INSERT ON {table} "
             f"WHEN NEW.topic != 'saga_es:SagaStarted' AND {saga_event} BEGIN "
-            f"UPDATE {status} SET status = json_extract({state}, '$.to_state'), "
-            f"step = COALESCE(json_extract({state}, '$.step'), step), "
-            f"version = NEW.originator_version, updated_at = {at} "
+            # COALESCE: an event missing a field (a malformed record) leaves it as it was.
+            f"UPDATE {status} SET status = COALESCE(json_extract({state}, '$.to_state'), "
+            f"status), step = COALESCE(json_extract({state}, '$.step'), step), "
+            f"version = NEW.originator_version, updated_at = COALESCE({at}, updated_at) "
             "WHERE saga_id = NEW.originator_id AND version < NEW.originator_version; END",
             f"CREATE TRIGGER IF NOT EXISTS {status}_ends AFTER INSERT ON {table} "
             f"WHEN NEW.topic IN ({ends}) BEGIN "

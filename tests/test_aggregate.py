@@ -125,7 +125,8 @@ class Rules:
       `compensate`), latest first, skipping steps without a compensation and steps
       already compensated. The same in-flight rule holds for them.
     - A compensation that fails for good stops every further compensation: the only
-      way out is `halt`. The saga is compensated only when nothing is due or in flight.
+      way out is `halt`, naming that step. The saga is compensated only when nothing is
+      due or in flight.
     """
 
     steps: list[str]
@@ -194,7 +195,8 @@ class Rules:
             )
             return COMPENSATED if legal else None
         if name == "halt":
-            legal = compensating and self.undo_flight is None and self.failure is not None
+            (step,) = args
+            legal = compensating and self.undo_flight is None and self.failure == step
             return STUCK if legal else None
         raise AssertionError(name)
 
@@ -471,6 +473,8 @@ ILLEGAL: dict[str, tuple[list[Command], list[Command]]] = {
             ("start_compensation", "a", 1),
             ("complete_compensation", "b", 1),
             ("compensate",),
+            ("halt", "a"),
+            ("halt", "x"),
         ],
     ),
     "compensated": (

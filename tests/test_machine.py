@@ -340,19 +340,35 @@ THREE_DONE = {
             {},
             "compensation of 'a' failed",
         ),
-        (probe(m.COMPENSATING, **B_FAILED), "halt_saga", {}, "no compensation has failed"),
+        (
+            probe(m.COMPENSATING, **B_FAILED),
+            "halt_saga",
+            {"step": "a"},
+            "no compensation has failed",
+        ),
         (
             probe(m.COMPENSATING, **B_FAILED, compensation_attempts={"a": 1}),
             "halt_saga",
-            {},
+            {"step": "a"},
             "no compensation has failed",
+        ),
+        (
+            probe(
+                m.COMPENSATING,
+                **THREE_DONE,
+                compensation_attempts={"c": 1},
+                compensation_failure="c",
+            ),
+            "halt_saga",
+            {"step": "b"},
+            "the compensation that failed is 'c'",
         ),
         (
             probe(
                 m.COMPENSATING, **B_FAILED, compensating={"a": 1}, compensation_attempts={"a": 1}
             ),
             "halt_saga",
-            {},
+            {"step": "a"},
             "in flight",
         ),
         (
@@ -479,7 +495,7 @@ def test_guards_refuse_with_a_reason(saga: Any, trigger: str, data: Any, reason:
                 compensation_failure="c",
             ),
             "halt_saga",
-            {},
+            {"step": "c"},
             m.STUCK,
             id="halt after a final compensation failure",
         ),

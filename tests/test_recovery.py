@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -29,6 +30,7 @@ from saga_es import (
     SagaDefinition,
     SagaError,
     Step,
+    recovery,
 )
 from saga_es.aggregate import StreamProblem
 from saga_es.errors import DefinitionNotFound
@@ -820,16 +822,16 @@ def test_two_workers_resuming_the_same_saga_only_one_runs_it(
     worker.register(definition)
     winner: list[RecoveryReport] = []
     raced: list[bool] = []
-    get = worker.get
+    rebuild = recovery.rebuild
 
-    def load_then_lose_the_race(saga_id: Any, version: int | None = None) -> Saga:
-        saga = get(saga_id, version)
+    def load_then_lose_the_race(reader: SagaApplication, saga_id: UUID) -> Saga:
+        saga = rebuild(reader, saga_id)
         if not raced:  # both have read the saga; the other worker appends first
             raced.append(True)
             winner.append(app.recover())
         return saga
 
-    monkeypatch.setattr(worker, "get", load_then_lose_the_race)
+    monkeypatch.setattr(recovery, "rebuild", load_then_lose_the_race)
     shop.calls.clear()
     with caplog.at_level(logging.WARNING, logger="saga_es"):
         loser = worker.recover()
@@ -922,9 +924,20 @@ def forge(app: SagaApplication, saga_id: UUID, event_class: type[Saga.Event], **
     return version
 
 
-def write_raw(app: SagaApplication, saga_id: UUID, topic: str, state: bytes) -> int:
-    """Append a record that is no readable saga event; its version."""
+def write_raw(app: SagaApplication, saga_id: UUID, record: str) -> int:
+    """Append a record of kind `record` (see `UNREADABLE`) that no reader can decode."""
     version = app.get(saga_id).version + 1
+    topic, state = UNREADABLE[record]
+    if state is None:  # a well-formed event of a type this version does not know
+        event = Saga.StepStarted(  # type: ignore[call-arg]
+            originator_id=saga_id,
+            originator_version=version,
+            timestamp=Saga.StepStarted.create_timestamp(),
+            to_state="running",
+            step="b",
+            attempt=9,
+        )
+        state = app.mapper.to_stored_event(event).state
     app.recorder.insert_events([StoredEvent(saga_id, version, topic, state)])
     return version
 
@@ -1014,20 +1027,27 @@ def test_recovery_skips_a_stream_the_verifier_rejects_and_recovers_the_others(
     saga_id = mixed["running"]
     forge(app, saga_id, event_class, to_state=to_state, **data)
     history = moves(app, saga_id)
+    in_flight = [row.saga_id for row in app.statuses(status=("running", "compensating"))]
     shop.calls.clear()
 
     report = app.recover()
 
-    assert list(report.failed) == [saga_id]
-    assert report.resumed == [mixed["compensating"]]
     assert moves(app, saga_id) == history  # nothing appended to the rejected stream
     assert shop.log() == [("undo", "b"), ("undo", "a")]  # only the other saga's calls
+    assert report.resumed == [mixed["compensating"]]
     assert app.get(mixed["compensating"]).status == "compensated"
+    # Everything recovery found in flight is accounted for: one it cannot resume, it reports.
+    assert report.found == len(in_flight)
+    assert list(report.failed) == [i for i in in_flight if i == saga_id]
 
 
-UNREADABLE = {
-    "unknown-topic": ("saga_es:Teleported", b"{}", "saga_es:Teleported"),
-    "corrupt-state": (Saga.StepCompleted.TOPIC, b"{not json", Saga.StepCompleted.TOPIC),
+UNREADABLE: dict[str, tuple[str, bytes | None]] = {
+    # An event type from a newer saga_es: well-formed, but unknown here.
+    "unknown-topic": ("saga_es:StepSkipped", None),
+    # Unknown, and nothing like an event.
+    "unknown-topic-garbage": ("saga_es:Teleported", b"{}"),
+    # A known type whose bytes were damaged after they were written.
+    "corrupt-state": (Saga.StepCompleted.TOPIC, b"\x00\x9c garbled"),
 }
 
 
@@ -1035,12 +1055,12 @@ UNREADABLE = {
 def test_an_unreadable_record_is_reported_and_recovery_skips_that_saga(
     app: SagaApplication, shop: Shop, mixed: dict[str, UUID], record: str
 ) -> None:
-    topic, state, move = UNREADABLE[record]
     saga_id = mixed["running"]
-    version = write_raw(app, saga_id, topic, state)
+    version = write_raw(app, saga_id, record)
 
     (problem,) = app.verify()
-    assert (problem.saga_id, problem.version, problem.move) == (saga_id, version, move)
+    assert (problem.saga_id, problem.version) == (saga_id, version)
+    assert problem.move == UNREADABLE[record][0]
     assert "cannot be read" in problem.reason
 
     shop.calls.clear()
@@ -1060,9 +1080,8 @@ def mentions(text: str, version: int) -> bool:
 def test_reading_an_unreadable_stream_is_a_clear_error_naming_saga_and_version(
     app: SagaApplication, mixed: dict[str, UUID], record: str
 ) -> None:
-    topic, state, _ = UNREADABLE[record]
     saga_id = mixed["running"]
-    version = write_raw(app, saga_id, topic, state)
+    version = write_raw(app, saga_id, record)
     for read in (app.get, app.history):
         with pytest.raises(SagaError) as caught:
             read(saga_id)
@@ -1103,28 +1122,31 @@ def test_verify_reports_a_stream_written_past_the_application(app: SagaApplicati
 # -- the status projection ------------------------------------------------------------------
 
 
-def test_each_save_carries_the_status_row_of_its_saga(
+def test_each_commit_leaves_the_status_row_as_of_its_last_event(
     app: SagaApplication, shop: Shop, commits: CommitSpy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rows: list[tuple[list[int], list[SagaStatus]]] = []
+    # Read right after each transaction returns: the row never lags behind the events.
+    seen: list[tuple[int, SagaStatus]] = []
     recorder: Any = app.recorder
     insert_events = recorder.insert_events
 
     def spy(stored_events: Any, **kwargs: Any) -> Any:
-        rows.append(([s.originator_version for s in stored_events], kwargs["saga_statuses"]))
-        return insert_events(stored_events, **kwargs)
+        result = insert_events(stored_events, **kwargs)
+        (row,) = app.statuses()
+        seen.append((stored_events[-1].originator_version, row))
+        return result
 
     monkeypatch.setattr(recorder, "insert_events", spy)
     shop.fail = {"c"}
     saga = app.run(shop.definition(), {}, key="k")
 
-    assert len(rows) == commits.count == 6
-    for versions, (row,) in rows:
-        assert row.saga_id == saga.id
-        assert row.version == versions[-1]  # the row as of the last event in the transaction
-    assert [row.status for _, (row,) in rows] == ["running"] * 3 + ["compensating"] * 2 + [
+    assert len(seen) == commits.count == 6
+    for version, row in seen:
+        assert (row.saga_id, row.version) == (saga.id, version)
+    assert [row.status for _, row in seen] == ["running"] * 3 + ["compensating"] * 2 + [
         "compensated"
     ]
+    assert [row.step for _, row in seen] == ["a", "b", "c", "b", "a", "a"]
 
 
 def test_a_status_row_describes_the_saga_as_of_its_last_event(
@@ -1252,13 +1274,33 @@ def test_rebuilding_the_projection_keeps_the_rows_of_readable_sagas(
     # One unreadable stream must not cost every other saga its row: without its row, a
     # saga in flight is never found by recovery again.
     before = app.statuses()
-    write_raw(app, mixed["completed"], "saga_es:Teleported", b"{}")
+    write_raw(app, mixed["completed"], "unknown-topic")
     with contextlib.suppress(Exception):
         app.rebuild_status()
     after = {row.saga_id: row for row in app.statuses()}
     for row in before:
         if row.saga_id != mixed["completed"]:
             assert after.get(row.saga_id) == row
+
+
+@pytest.mark.parametrize("record", UNREADABLE)
+def test_an_unreadable_record_leaves_the_projection_readable(
+    app: SagaApplication, mixed: dict[str, UUID], record: str
+) -> None:
+    # The saga it was appended to keeps a well-formed row (recovery must still find it, to
+    # report it), and every other saga keeps its row unchanged.
+    before = {row.saga_id: row for row in app.statuses()}
+    saga_id = mixed["running"]
+    write_raw(app, saga_id, record)
+    after = {row.saga_id: row for row in app.statuses()}
+    assert set(after) == set(before)
+    for other, row in before.items():
+        if other != saga_id:
+            assert after[other] == row
+    row = after[saga_id]
+    assert row.status in ("running", "compensating")
+    assert isinstance(row.updated_at, datetime)
+    assert [r.saga_id for r in app.statuses(status="running")] == [saga_id]
 
 
 @pytest.mark.parametrize("store", DURABLE_STORES)
