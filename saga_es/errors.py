@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+import eventsourcing.persistence
+
 
 class SagaError(Exception):
     """Base class of every error raised by saga_es."""
@@ -101,3 +103,30 @@ class IllegalTransition(SagaError):
         self.state = state
         self.trigger = trigger
         self.reason = reason
+
+
+_PEP_249 = frozenset(
+    {
+        "InterfaceError",
+        "DataError",
+        "OperationalError",
+        "IntegrityError",
+        "InternalError",
+        "ProgrammingError",
+        "NotSupportedError",
+        "DatabaseError",
+    }
+)
+
+
+def persistence_error(error: Exception) -> eventsourcing.persistence.PersistenceError:
+    """Eventsourcing's error for a DB-API driver's (psycopg, sqlite3), as its recorders raise.
+
+    Both drivers name their classes after PEP 249, so the most specific one decides.
+    """
+    for cls in type(error).__mro__:
+        if cls.__name__ in _PEP_249:
+            translated: type[eventsourcing.persistence.PersistenceError]
+            translated = getattr(eventsourcing.persistence, cls.__name__)
+            return translated(str(error))
+    return eventsourcing.persistence.PersistenceError(str(error))

@@ -36,15 +36,9 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import (
-    DatabaseError,
-    DataError,
     IntegrityError,
     InterfaceError,
-    InternalError,
-    NotSupportedError,
     OperationalError,
-    PersistenceError,
-    ProgrammingError,
     StoredEvent,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
@@ -54,6 +48,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 from psycopg.types.composite import register_composite
 
+from saga_es.errors import persistence_error
 from saga_es.status import SagaStatus, where
 
 ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
@@ -61,26 +56,6 @@ ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
 
 STOCK_RECORDER_TOPIC = "eventsourcing.postgres:PostgresApplicationRecorder"
 """Set `APPLICATION_RECORDER_TOPIC` to this for eventsourcing's own recorder."""
-
-# As `PostgresDatastore.get_connection` translates them: subclasses before their bases.
-_ERRORS: tuple[tuple[type[psycopg.Error], type[PersistenceError]], ...] = (
-    (psycopg.InterfaceError, InterfaceError),
-    (psycopg.OperationalError, OperationalError),
-    (psycopg.DataError, DataError),
-    (psycopg.IntegrityError, IntegrityError),
-    (psycopg.InternalError, InternalError),
-    (psycopg.ProgrammingError, ProgrammingError),
-    (psycopg.NotSupportedError, NotSupportedError),
-    (psycopg.DatabaseError, DatabaseError),
-)
-
-
-def _translate(error: psycopg.Error) -> PersistenceError:
-    """The eventsourcing error for a driver error, as the stock recorder raises it."""
-    for driver_error, persistence_error in _ERRORS:
-        if isinstance(error, driver_error):
-            return persistence_error(str(error))
-    return PersistenceError(str(error))
 
 
 class PostgresOneCallRecorder(PostgresApplicationRecorder):
@@ -134,10 +109,10 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
         self._writer_lock = threading.Lock()
 
     wants_status_rows = False
-    """The status rows are derived from each saga event by a trigger, in the same transaction."""
+    """The insert function derives the status rows from the saved events, in its transaction."""
 
     def _add_status_projection(self) -> None:
-        """The status table, and the trigger that derives its rows from saga events."""
+        """The status table, and the function that derives its rows from saga events."""
         self.status_table_name = f"{self.events_table_name}_status"
         self.check_identifier_length(f"{self.status_table_name}_by_status")
         ids = {
@@ -165,7 +140,8 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
             # SagaStarted gives the rest. Only JSON states ('{' first) are read: a ciphered
             # or compressed state is opaque here.
             "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event_type}[]) "
-            "RETURNS void LANGUAGE sql AS $BODY$ "
+            # plpgsql, not sql: it keeps the statement's plan for the session.
+            "RETURNS void LANGUAGE plpgsql AS $BODY$ BEGIN "
             "WITH saga_rows AS ("
             "SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
             "convert_from(n.state, 'UTF8')::jsonb AS s FROM unnest(events) n "
@@ -185,7 +161,7 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
             "ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status, "
             "step = COALESCE(EXCLUDED.step, t.step), version = EXCLUDED.version, "
             "updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version; "
-            "$BODY$",
+            "END; $BODY$",
         ]
         names = {
             f"by_{suffix}": Identifier(f"{self.status_table_name}_by_{suffix}")
@@ -311,7 +287,7 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
             except psycopg.Error as e:
                 if conn.broken or conn.closed:
                     self._give_back_writer()  # the retry takes a fresh one
-                raise _translate(e) from e
+                raise persistence_error(e) from e
 
     def _take_writer(self) -> Connection[DictRow]:
         datastore = self.datastore
@@ -320,7 +296,7 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
             datastore.pool.open(timeout is not None, timeout or 30.0)
             conn = datastore.pool.getconn()
         except psycopg.Error as e:
-            raise _translate(e) from e
+            raise persistence_error(e) from e
         for info in datastore.psycopg_type_adapters.values():
             if not conn.adapters.types.get(info.oid):
                 register_composite(info, conn)

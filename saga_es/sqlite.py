@@ -29,15 +29,6 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import (
-    DatabaseError,
-    DataError,
-    IntegrityError,
-    InterfaceError,
-    InternalError,
-    NotSupportedError,
-    OperationalError,
-    PersistenceError,
-    ProgrammingError,
     StoredEvent,
 )
 from eventsourcing.sqlite import (
@@ -47,6 +38,7 @@ from eventsourcing.sqlite import (
     SQLiteDatastore,
 )
 
+from saga_es.errors import persistence_error
 from saga_es.status import ENDING_EVENTS as _ENDING_EVENTS
 from saga_es.status import IN_FLIGHT_STATES, SagaStatus, where
 
@@ -58,26 +50,6 @@ WRITER_RECORDER_TOPIC = "saga_es.sqlite:SQLiteWriterRecorder"
 
 STOCK_RECORDER_TOPIC = "eventsourcing.sqlite:SQLiteApplicationRecorder"
 """Set `APPLICATION_RECORDER_TOPIC` to this for eventsourcing's own recorder."""
-
-# The order matters: subclasses before their bases, as eventsourcing's own translation.
-_ERRORS: tuple[tuple[type[sqlite3.Error], type[PersistenceError]], ...] = (
-    (sqlite3.InterfaceError, InterfaceError),
-    (sqlite3.DataError, DataError),
-    (sqlite3.OperationalError, OperationalError),
-    (sqlite3.IntegrityError, IntegrityError),
-    (sqlite3.InternalError, InternalError),
-    (sqlite3.ProgrammingError, ProgrammingError),
-    (sqlite3.NotSupportedError, NotSupportedError),
-    (sqlite3.DatabaseError, DatabaseError),
-)
-
-
-def _translate(error: sqlite3.Error) -> PersistenceError:
-    """The eventsourcing error for a driver error, as `SQLiteTransaction` makes it."""
-    for driver_error, persistence_error in _ERRORS:
-        if isinstance(error, driver_error):
-            return persistence_error(error)
-    return PersistenceError(error)
 
 
 class SQLiteWriterRecorder(SQLiteApplicationRecorder):
@@ -244,7 +216,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
                     writer.commit()
             except sqlite3.Error as e:
                 writer.rollback()
-                raise _translate(e) from e
+                raise persistence_error(e) from e
             except BaseException:
                 writer.rollback()
                 raise
@@ -259,7 +231,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         statement = self._statements.get(count)
         if statement is None:
             rows = ",".join(["(?,?,?,?)"] * count)
-            statement = f"INSERT INTO {self.events_table_name} VALUES {rows} RETURNING rowid"
+            statement = f"INSERT INTO {self.events_table_name} VALUES {rows}"
             self._statements[count] = statement
         params: list[Any] = []
         for s in stored_events:
@@ -271,9 +243,12 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
                 s.state,
             )
         cursor.execute(statement, params)
-        # One statement's rows take consecutive rowids in VALUES order; RETURNING
-        # may list them in any order.
-        return sorted(row[0] for row in cursor.fetchall())
+        # One statement's rows take consecutive rowids in VALUES order (one writer at a
+        # time), and `lastrowid` is the outer statement's last row even when triggers
+        # insert rows of their own.
+        last = cursor.sqlite_cursor.lastrowid
+        assert last is not None
+        return list(range(last - count + 1, last + 1))
 
 
 def _status(row: Any) -> SagaStatus:

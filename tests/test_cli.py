@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from saga_es import SagaApplication
@@ -34,12 +35,13 @@ def test_demo_tells_the_trip_story_and_stores_both_sagas(tmp_path: Path) -> None
     assert sagas[1].context.flight is None
 
 
-def test_demo_defaults_to_saga_es_db_in_the_working_folder(tmp_path: Path) -> None:
-    runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path) as folder:
-        result = runner.invoke(cli, ["demo"], env={"PERSISTENCE_MODULE": None})
-        assert result.exit_code == 0, result.output
-        assert (Path(folder) / "saga_es.db").exists()
+def test_demo_defaults_to_saga_es_db_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["demo"], env={"PERSISTENCE_MODULE": None})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "saga_es.db").exists()
 
 
 def test_list_and_show_read_back_the_file_in_a_later_process(tmp_path: Path) -> None:
