@@ -23,6 +23,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import (
     ApplicationRecorder,
+    EventStore,
     InfrastructureFactory,
     IntegrityError,
     JSONTranscoder,
@@ -176,6 +177,26 @@ class SagaApplication(Application[UUID]):
         if callable(close_recorder):
             close_recorder()
         super().close()
+
+    def construct_snapshot_store(self) -> EventStore[UUID]:
+        """Eventsourcing's snapshot store; on PostgreSQL its table is created in turn.
+
+        Without that, applications starting at once can collide creating it.
+        """
+        postgres = sys.modules.get("eventsourcing.postgres")
+        if postgres is None or not isinstance(self.factory, postgres.PostgresFactory):
+            return super().construct_snapshot_store()
+        from saga_es.postgres import PostgresSnapshotRecorder
+
+        factory = self.factory
+        recorder = PostgresSnapshotRecorder(
+            datastore=factory.datastore,
+            events_table_name=f"{factory.env.name.lower() or 'stored'}_snapshots",
+        )
+        if factory.env_create_table():
+            recorder.create_table()
+        store: EventStore[UUID] = factory.event_store(mapper=self.mapper, recorder=recorder)
+        return store
 
     def construct_recorder(self) -> ApplicationRecorder:
         """The factory's recorder, subclassed by saga_es for each store.

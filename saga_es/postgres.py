@@ -41,7 +41,11 @@ from eventsourcing.persistence import (
     OperationalError,
     StoredEvent,
 )
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+)
 from eventsourcing.utils import retry
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
@@ -58,7 +62,37 @@ STOCK_RECORDER_TOPIC = "eventsourcing.postgres:PostgresApplicationRecorder"
 """Set `APPLICATION_RECORDER_TOPIC` to this for eventsourcing's own recorder."""
 
 
-class PostgresOneCallRecorder(PostgresApplicationRecorder):
+class _CreatesInTurn(PostgresAggregateRecorder):
+    """Creates its tables under an advisory lock, so applications may start at once."""
+
+    def create_table(self) -> None:
+        """Create what is missing; safe when many applications start at once (notes, 12)."""
+        for attempt in range(1, 4):
+            try:
+                super().create_table()
+                return
+            except IntegrityError:
+                # Two creators raced on a CREATE TYPE (it runs in its own transaction,
+                # before the lock below): the type exists now, so the next try passes.
+                if attempt == 3:
+                    raise
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        # Tables, indexes and functions, in one transaction: creators take turns, so
+        # two CREATE TABLE IF NOT EXISTS or CREATE OR REPLACE FUNCTION never collide.
+        curs.execute(
+            SQL("SELECT pg_advisory_xact_lock(hashtext({key}))").format(
+                key=f"saga_es:create_table:{self.datastore.schema}"
+            )
+        )
+        super()._create_table(curs)
+
+
+class PostgresSnapshotRecorder(_CreatesInTurn):
+    """eventsourcing's snapshot table, created in turn with the events table."""
+
+
+class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
     """Saves events with one autocommit call of a function that locks, notifies and inserts."""
 
     def __init__(
@@ -240,28 +274,6 @@ class PostgresOneCallRecorder(PostgresApplicationRecorder):
 
     def _saga_id(self, saga_id: UUID) -> UUID | str:
         return saga_id if self.datastore.originator_id_type == "uuid" else str(saga_id)
-
-    def create_table(self) -> None:
-        """Create what is missing; safe when many applications start at once (notes, 12)."""
-        for attempt in range(1, 4):
-            try:
-                super().create_table()
-                return
-            except IntegrityError:
-                # Two creators raced on a CREATE TYPE (it runs in its own transaction,
-                # before the lock below): the type exists now, so the next try passes.
-                if attempt == 3:
-                    raise
-
-    def _create_table(self, curs: Cursor[DictRow]) -> None:
-        # Tables, indexes and functions, in one transaction: creators take turns, so
-        # two CREATE TABLE IF NOT EXISTS or CREATE OR REPLACE FUNCTION never collide.
-        curs.execute(
-            SQL("SELECT pg_advisory_xact_lock(hashtext({key}))").format(
-                key=f"saga_es:create_table:{self.datastore.schema}"
-            )
-        )
-        super()._create_table(curs)
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
