@@ -77,16 +77,31 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         """Eventsourcing's table, plus the status projection and the triggers that keep it.
 
         Every page a commit dirties is written to the WAL and synced, so the projection
-        is kept small: one WITHOUT ROWID table of one row per saga with no secondary
-        index, and beside it the ids of the sagas in flight, a table touched only when a
-        saga starts and when it ends. Recovery reads the latter, in time proportional to
-        the sagas in flight.
+        touches nothing between a saga's first and last commit: a row per saga (WITHOUT
+        ROWID, no secondary index) is written when the saga starts and when it ends, and
+        the ids of the sagas in flight sit in a table of their own. The view `<status>_live`
+        reads an in-flight saga's status, step, version and time off its latest event (by
+        the primary key), so a reader never sees a stale row, and listing the sagas in
+        flight costs time proportional to them.
         """
         table, status, flight = self.events_table_name, self.status_table_name, self.flight
         state = "CAST(NEW.state AS TEXT)"
         at = f"json_extract({state}, '$.timestamp._data_')"
         saga_event = "NEW.topic LIKE 'saga_es:%' AND substr(NEW.state, 1, 1) = X'7B'"
         ends = ", ".join(f"'saga_es:{e}'" for e in _ENDING_EVENTS)
+        previous_step = (
+            f"(SELECT json_extract(CAST(p.state AS TEXT), '$.step') FROM {table} p "
+            "WHERE p.originator_id = NEW.originator_id "
+            "AND p.originator_version = NEW.originator_version - 1 "
+            "AND substr(p.state, 1, 1) = X'7B')"
+        )
+        # The latest event that says which state it leads to (a malformed record does not).
+        latest = (
+            f"SELECT CAST(e.state AS TEXT) FROM {table} e WHERE e.originator_id = s.saga_id "
+            "AND substr(e.state, 1, 1) = X'7B' AND json_valid(CAST(e.state AS TEXT)) "
+            "AND json_extract(CAST(e.state AS TEXT), '$.to_state') IS NOT NULL "
+            "ORDER BY e.originator_version DESC LIMIT 1"
+        )
         return [
             *super().construct_create_table_statements(),
             f"CREATE TABLE IF NOT EXISTS {status} ("
@@ -94,8 +109,6 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             "status TEXT, step TEXT, version INTEGER, started_at TEXT, updated_at TEXT) "
             "WITHOUT ROWID",
             f"CREATE TABLE IF NOT EXISTS {flight} (saga_id TEXT PRIMARY KEY) WITHOUT ROWID",
-            # A saga's later events read only the three fields they change: SQLite parses
-            # the JSON once per json_extract.
             f"CREATE TRIGGER IF NOT EXISTS {status}_from_start AFTER INSERT ON {table} "
             f"WHEN NEW.topic = 'saga_es:SagaStarted' AND {saga_event} "
             f"AND json_extract({state}, '$.to_state') IS NOT NULL AND {at} IS NOT NULL BEGIN "
@@ -104,16 +117,25 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             f"json_extract({state}, '$.key'), json_extract({state}, '$.to_state'), NULL, "
             f"NEW.originator_version, {at}, {at}); "
             f"INSERT OR IGNORE INTO {flight} VALUES (NEW.originator_id); END",
-            f"CREATE TRIGGER IF NOT EXISTS {status}_from_events AFTER INSERT ON {table} "
-            f"WHEN NEW.topic != 'saga_es:SagaStarted' AND {saga_event} BEGIN "
-            # COALESCE: an event missing a field (a malformed record) leaves it as it was.
-            f"UPDATE {status} SET status = COALESCE(json_extract({state}, '$.to_state'), "
-            f"status), step = COALESCE(json_extract({state}, '$.step'), step), "
-            f"version = NEW.originator_version, updated_at = COALESCE({at}, updated_at) "
-            "WHERE saga_id = NEW.originator_id AND version < NEW.originator_version; END",
+            # The step of an ending event that names none is its predecessor's.
             f"CREATE TRIGGER IF NOT EXISTS {status}_ends AFTER INSERT ON {table} "
-            f"WHEN NEW.topic IN ({ends}) BEGIN "
+            f"WHEN NEW.topic IN ({ends}) AND {saga_event} BEGIN "
+            f"UPDATE {status} SET status = COALESCE(json_extract({state}, '$.to_state'), "
+            f"status), step = COALESCE(json_extract({state}, '$.step'), {previous_step}, step), "
+            f"version = NEW.originator_version, updated_at = COALESCE({at}, updated_at) "
+            "WHERE saga_id = NEW.originator_id AND version < NEW.originator_version; "
             f"DELETE FROM {flight} WHERE saga_id = NEW.originator_id; END",
+            f"CREATE VIEW IF NOT EXISTS {status}_live AS "
+            "SELECT saga_id, name, definition_version, key, "
+            "COALESCE(json_extract(j, '$.to_state'), status) AS status, "
+            "CASE WHEN j IS NULL THEN step ELSE json_extract(j, '$.step') END AS step, "
+            "COALESCE(v, version) AS version, started_at, "
+            "COALESCE(json_extract(j, '$.timestamp._data_'), updated_at) AS updated_at "
+            "FROM (SELECT s.*, "
+            f"CASE WHEN f.saga_id IS NOT NULL THEN ({latest}) END AS j, "
+            f"CASE WHEN f.saga_id IS NOT NULL THEN (SELECT MAX(m.originator_version) "
+            f"FROM {table} m WHERE m.originator_id = s.saga_id) END AS v "
+            f"FROM {status} s LEFT JOIN {flight} f ON f.saga_id = s.saga_id)",
         ]
 
     @property
@@ -144,11 +166,14 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             saga_id=lambda saga_id: saga_id.hex,
             when=lambda moment: moment.isoformat(),
         )
-        source = f"{self.status_table_name} s"
         if statuses and set(statuses) <= set(IN_FLIGHT_STATES):
-            source = f"{self.flight} f JOIN {source} USING (saga_id)"
+            # Only sagas in flight can match: start from their ids, not from every saga.
+            only = f" AND s.saga_id IN (SELECT saga_id FROM {self.flight})"
+            filters = filters.replace(" ORDER BY", only + " ORDER BY", 1)
         statement = (
-            f"SELECT s.* FROM {source}" + filters.format(table=self.status_table_name) + " LIMIT ?"
+            f"SELECT s.* FROM {self.status_table_name}_live s"
+            + filters.format(table=self.status_table_name)
+            + " LIMIT ?"
         )
         with self.datastore.transaction(commit=False) as c:
             c.execute(statement, [*params, limit])
@@ -156,7 +181,9 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
 
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""
-        statement = f"SELECT name, status, COUNT(*) FROM {self.status_table_name} GROUP BY 1, 2"
+        statement = (
+            f"SELECT name, status, COUNT(*) FROM {self.status_table_name}_live GROUP BY 1, 2"
+        )
         with self.datastore.transaction(commit=False) as c:
             c.execute(statement)
             return {(row[0], row[1]): row[2] for row in c.fetchall()}
