@@ -12,7 +12,6 @@ import asyncio
 import functools
 import json
 import logging
-import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from eventsourcing.persistence import (
     Transcoder,
 )
 from eventsourcing.popo import POPOFactory
-from eventsourcing.utils import Environment, EnvType, TopicError, resolve_topic
+from eventsourcing.utils import EnvType, TopicError, resolve_topic
 
 from saga_es import recovery, runner
 from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
@@ -48,6 +47,12 @@ from saga_es.errors import (
 )
 from saga_es.popo import POPOSagaRecorder
 from saga_es.recovery import RecoveryReport
+from saga_es.settings import (
+    DEFAULT_STEP_TIMEOUT,
+    SAGA_STEP_TIMEOUT,
+    configuration_error,
+    step_timeout,
+)
 from saga_es.status import SagaStatus, StatusRecorder
 
 log = logging.getLogger("saga_es")
@@ -130,9 +135,9 @@ class SagaApplication(Application[UUID]):
     snapshotting_intervals = {Saga: 100}  # noqa: RUF012 (eventsourcing's class attribute)
     snapshotting_projectors = {Saga: replay}  # noqa: RUF012
 
-    SAGA_STEP_TIMEOUT = "SAGA_STEP_TIMEOUT"
+    SAGA_STEP_TIMEOUT = SAGA_STEP_TIMEOUT
     """Setting: seconds recovery leaves a step to its worker, unless the step sets `timeout`."""
-    DEFAULT_STEP_TIMEOUT = 60.0
+    DEFAULT_STEP_TIMEOUT = DEFAULT_STEP_TIMEOUT
 
     def __init__(
         self,
@@ -144,13 +149,15 @@ class SagaApplication(Application[UUID]):
         settings = self.construct_env(self.name, env)
         try:
             if "postgres" in settings.get("PERSISTENCE_MODULE", ""):
-                _check_postgres(settings)
+                from saga_es.postgres import check_settings  # psycopg: only for PostgreSQL
+
+                check_settings(settings)
             super().__init__(env)
         except ConfigurationError:
             raise
         except Exception as e:
-            raise _configuration_error(e, settings) from None
-        self.default_step_timeout = _step_timeout(default_step_timeout, settings)
+            raise configuration_error(e, settings) from None
+        self.default_step_timeout = step_timeout(default_step_timeout, settings)
         self.definitions: dict[tuple[str, int], SagaDefinition] = {}
         self.register(*definitions)
 
@@ -544,22 +551,6 @@ class SagaApplication(Application[UUID]):
         return last[0].originator_version
 
 
-def _step_timeout(given: float | None, env: Environment) -> float:
-    """The default step timeout: the argument, else `SAGA_STEP_TIMEOUT`, else 60 s."""
-    raw: Any = given if given is not None else env.get(SagaApplication.SAGA_STEP_TIMEOUT)
-    if raw is None or raw == "":
-        return SagaApplication.DEFAULT_STEP_TIMEOUT
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = -1.0
-    if isinstance(raw, bool) or not value >= 0:
-        raise ConfigurationError(
-            SagaApplication.SAGA_STEP_TIMEOUT, f"must be a number of seconds >= 0, got {raw!r}"
-        )
-    return value
-
-
 def _as_uuid(saga_id: UUID | str) -> UUID:
     """Accept ids as typed on a command line, too."""
     if isinstance(saga_id, UUID):
@@ -590,66 +581,3 @@ def _check_value(transcoder: Transcoder, name: str, value: Any) -> None:
         transcoder.encode(value)
     except (TypeError, ValueError) as e:
         raise ContextError(name, value, str(e).split(". Please")[0]) from None
-
-
-_SETTING_IN_MESSAGE = re.compile(r"'([A-Z][A-Z0-9_]+)'")
-_PG_HINTS = (
-    ("password", "POSTGRES_PASSWORD"),
-    ("role", "POSTGRES_USER"),
-    ("database", "POSTGRES_DBNAME"),
-    ("translate host name", "POSTGRES_HOST"),
-    ("connection refused", "POSTGRES_PORT"),
-    ("timeout", "POSTGRES_HOST"),
-)
-
-
-def _check_postgres(env: Environment) -> None:
-    """Fail fast, naming the setting, where the pool would only time out."""
-    import psycopg
-
-    for name in ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER"):
-        if env.get(name) == "":
-            raise ConfigurationError(name, "is set but empty")
-        if env.get(name) is None:
-            return  # eventsourcing names a missing setting itself
-    if env.get("POSTGRES_GET_PASSWORD_TOPIC"):
-        return
-    try:
-        timeout = max(1, min(int(env.get("POSTGRES_CONNECT_TIMEOUT") or 5), 5))
-    except ValueError:
-        return
-    try:
-        psycopg.connect(
-            dbname=env.get("POSTGRES_DBNAME"),
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT") or "5432",
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD") or "",
-            connect_timeout=timeout,
-        ).close()
-    except psycopg.OperationalError as e:
-        where = f"{env.get('POSTGRES_HOST')}:{env.get('POSTGRES_PORT') or '5432'}"
-        reason = " ".join(str(e).split()) or type(e).__name__
-        message = f"cannot connect to PostgreSQL at {where}: {reason}"
-        raise _configuration_error(RuntimeError(message), env) from None
-
-
-def _configuration_error(error: Exception, env: Environment) -> ConfigurationError:
-    """Name the setting behind a construction failure, never echoing a password."""
-    message = str(error) or type(error).__name__
-    password = env.get("POSTGRES_PASSWORD")
-    if password:
-        message = message.replace(password, "***")
-    match = _SETTING_IN_MESSAGE.search(message)
-    if match:
-        return ConfigurationError(match.group(1), message)
-    module = env.get("PERSISTENCE_MODULE", "")
-    lowered = message.lower()
-    if "postgres" in module:
-        for needle, setting in _PG_HINTS:
-            if needle in lowered:
-                return ConfigurationError(setting, message)
-        return ConfigurationError("POSTGRES_HOST", message)
-    if "sqlite" in module:
-        return ConfigurationError("SQLITE_DBNAME", message)
-    return ConfigurationError("PERSISTENCE_MODULE", message)

@@ -46,13 +46,14 @@ from eventsourcing.postgres import (
     PostgresApplicationRecorder,
     PostgresDatastore,
 )
-from eventsourcing.utils import retry
+from eventsourcing.utils import Environment, retry
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 from psycopg.types.composite import register_composite
 
-from saga_es.errors import persistence_error
+from saga_es.errors import ConfigurationError, persistence_error
+from saga_es.settings import configuration_error
 from saga_es.status import SagaStatus, where
 
 ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
@@ -341,3 +342,32 @@ def _status(row: DictRow) -> SagaStatus:
         started_at=row["started_at"].astimezone(UTC),
         updated_at=row["updated_at"].astimezone(UTC),
     )
+
+
+def check_settings(env: Environment) -> None:
+    """Fail fast, naming the setting, where the pool would only time out."""
+    for name in ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER"):
+        if env.get(name) == "":
+            raise ConfigurationError(name, "is set but empty")
+        if env.get(name) is None:
+            return  # eventsourcing names a missing setting itself
+    if env.get("POSTGRES_GET_PASSWORD_TOPIC"):
+        return
+    try:
+        timeout = max(1, min(int(env.get("POSTGRES_CONNECT_TIMEOUT") or 5), 5))
+    except ValueError:
+        return
+    try:
+        psycopg.connect(
+            dbname=env.get("POSTGRES_DBNAME"),
+            host=env.get("POSTGRES_HOST"),
+            port=env.get("POSTGRES_PORT") or "5432",
+            user=env.get("POSTGRES_USER"),
+            password=env.get("POSTGRES_PASSWORD") or "",
+            connect_timeout=timeout,
+        ).close()
+    except psycopg.OperationalError as e:
+        where = f"{env.get('POSTGRES_HOST')}:{env.get('POSTGRES_PORT') or '5432'}"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        message = f"cannot connect to PostgreSQL at {where}: {reason}"
+        raise configuration_error(RuntimeError(message), env) from None

@@ -1,0 +1,66 @@
+"""Settings: what saga_es reads beside eventsourcing's, and errors that name the setting.
+
+A wrong setting is reported as a `ConfigurationError` naming it, never as a driver
+traceback, and never echoing a password.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from eventsourcing.utils import Environment
+
+from saga_es.errors import ConfigurationError
+
+SAGA_STEP_TIMEOUT = "SAGA_STEP_TIMEOUT"
+"""Seconds recovery leaves a step to its worker, unless the step sets `timeout`."""
+DEFAULT_STEP_TIMEOUT = 60.0
+
+
+def step_timeout(given: float | None, env: Environment) -> float:
+    """The default step timeout: the argument, else `SAGA_STEP_TIMEOUT`, else 60 s."""
+    raw: Any = given if given is not None else env.get(SAGA_STEP_TIMEOUT)
+    if raw is None or raw == "":
+        return DEFAULT_STEP_TIMEOUT
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if isinstance(raw, bool) or not value >= 0:
+        raise ConfigurationError(
+            SAGA_STEP_TIMEOUT, f"must be a number of seconds >= 0, got {raw!r}"
+        )
+    return value
+
+
+_SETTING_IN_MESSAGE = re.compile(r"'([A-Z][A-Z0-9_]+)'")
+_PG_HINTS = (
+    ("password", "POSTGRES_PASSWORD"),
+    ("role", "POSTGRES_USER"),
+    ("database", "POSTGRES_DBNAME"),
+    ("translate host name", "POSTGRES_HOST"),
+    ("connection refused", "POSTGRES_PORT"),
+    ("timeout", "POSTGRES_HOST"),
+)
+
+
+def configuration_error(error: Exception, env: Environment) -> ConfigurationError:
+    """Name the setting behind a construction failure, never echoing a password."""
+    message = str(error) or type(error).__name__
+    password = env.get("POSTGRES_PASSWORD")
+    if password:
+        message = message.replace(password, "***")
+    match = _SETTING_IN_MESSAGE.search(message)
+    if match:
+        return ConfigurationError(match.group(1), message)
+    module = env.get("PERSISTENCE_MODULE", "")
+    lowered = message.lower()
+    if "postgres" in module:
+        for needle, setting in _PG_HINTS:
+            if needle in lowered:
+                return ConfigurationError(setting, message)
+        return ConfigurationError("POSTGRES_HOST", message)
+    if "sqlite" in module:
+        return ConfigurationError("SQLITE_DBNAME", message)
+    return ConfigurationError("PERSISTENCE_MODULE", message)
