@@ -345,6 +345,24 @@ class SagaApplication(Application[UUID]):
         return super()._record(processing_event)
 
     @functools.cached_property
+    def _lean_saves(self) -> bool:
+        """No subclass hook or cache needs the `Recording`s a full save builds."""
+        cls = type(self)
+        return (
+            cls._notify is Application._notify
+            and cls.notify is Application.notify
+            and cls._record is SagaApplication._record
+            and not self.repository.cache
+        )
+
+    def _snapshot_due(self, events: Sequence[Saga.Event]) -> bool:
+        interval = self.snapshotting_intervals.get(Saga)
+        return bool(self.snapshots and interval) and any(
+            e.originator_version % interval == 0  # type: ignore[operator]
+            for e in events
+        )
+
+    @functools.cached_property
     def _keeps_statuses(self) -> bool:
         """Whether the recorder wants status rows from us (not derived in the database)."""
         return bool(getattr(self.recorder, "wants_status_rows", False))
@@ -354,9 +372,16 @@ class SagaApplication(Application[UUID]):
 
         It does what `Application.save` does for one aggregate, minus that method's two
         runtime Protocol checks (~30 µs a call on Python 3.11, half of a POPO saga's time).
+        While nothing listens to saves (the `notify` hooks, an aggregate cache) and no
+        snapshot is due, it hands the stored events straight to the recorder.
         """
         events: list[Saga.Event] = saga.collect_events()  # type: ignore[assignment]
         if not events:
+            return events
+        if self._lean_saves and not self._snapshot_due(events):
+            statuses = {"saga_statuses": [SagaStatus.of(saga)]} if self._keeps_statuses else {}
+            to_stored_event = self.mapper.to_stored_event
+            self.recorder.insert_events([to_stored_event(e) for e in events], **statuses)
             return events
         processing_event: ProcessingEvent[UUID] = ProcessingEvent()  # not [UUID](): ~0.4 µs
         processing_event.events.extend(events)
