@@ -28,6 +28,7 @@ for the stock one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -36,7 +37,6 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import (
-    IntegrityError,
     InterfaceError,
     OperationalError,
     StoredEvent,
@@ -47,7 +47,8 @@ from eventsourcing.postgres import (
     PostgresDatastore,
 )
 from eventsourcing.utils import Environment, retry
-from psycopg import Connection, Cursor
+from psycopg import Connection
+from psycopg.errors import DuplicateObject
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 from psycopg.types.composite import register_composite
@@ -67,26 +68,25 @@ class _CreatesInTurn(PostgresAggregateRecorder):
     """Creates its tables under an advisory lock, so applications may start at once."""
 
     def create_table(self) -> None:
-        """Create what is missing; safe when many applications start at once (notes, 12)."""
-        for attempt in range(1, 4):
-            try:
-                super().create_table()
-                return
-            except IntegrityError:
-                # Two creators raced on a CREATE TYPE (it runs in its own transaction,
-                # before the lock below): the type exists now, so the next try passes.
-                if attempt == 3:
-                    raise
+        """Create what is missing, in one transaction under an advisory lock.
 
-    def _create_table(self, curs: Cursor[DictRow]) -> None:
-        # Tables, indexes and functions, in one transaction: creators take turns, so
-        # two CREATE TABLE IF NOT EXISTS or CREATE OR REPLACE FUNCTION never collide.
-        curs.execute(
-            SQL("SELECT pg_advisory_xact_lock(hashtext({key}))").format(
-                key=f"saga_es:create_table:{self.datastore.schema}"
+        Creators take turns, so two CREATE TYPE, CREATE TABLE IF NOT EXISTS or CREATE
+        OR REPLACE FUNCTION never collide ("tuple concurrently updated", notes 12).
+        A type that exists already is skipped inside a savepoint, as eventsourcing does
+        in a transaction of its own.
+        """
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                SQL("SELECT pg_advisory_xact_lock(hashtext({key}))").format(
+                    key=f"saga_es:create_table:{self.datastore.schema}"
+                )
             )
-        )
-        super()._create_table(curs)
+            for statement in self.sql_create_statements:
+                if "CREATE TYPE" in statement.as_string():
+                    with contextlib.suppress(DuplicateObject), curs.connection.transaction():
+                        curs.execute(statement, prepare=False)
+            self._create_table(curs)
+        self.datastore.register_type_adapters()
 
 
 class PostgresSnapshotRecorder(_CreatesInTurn):

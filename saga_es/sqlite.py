@@ -34,7 +34,6 @@ from eventsourcing.persistence import (
 from eventsourcing.sqlite import (
     SQLiteApplicationRecorder,
     SQLiteConnection,
-    SQLiteCursor,
     SQLiteDatastore,
 )
 
@@ -232,15 +231,21 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             writer = self._writer
             if writer is None or writer.closed:
                 writer = self._writer = pool.get_connection()
+            if one_statement:  # the common case, straight on the driver's connection
+                try:
+                    return self._insert_in_one_statement(writer, stored_events)
+                except sqlite3.Error as e:
+                    writer.rollback()
+                    raise persistence_error(e) from e
+                except BaseException:
+                    writer.rollback()
+                    raise
             cursor = writer.cursor()
             ids: Sequence[int] | None
             try:
-                if one_statement:
-                    ids = self._insert_in_one_statement(cursor, stored_events)
-                else:
-                    cursor.execute("BEGIN")
-                    ids = self._insert_events(cursor, stored_events, **kwargs)
-                    writer.commit()
+                cursor.execute("BEGIN")
+                ids = self._insert_events(cursor, stored_events, **kwargs)
+                writer.commit()
             except sqlite3.Error as e:
                 writer.rollback()
                 raise persistence_error(e) from e
@@ -252,7 +257,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             return ids
 
     def _insert_in_one_statement(
-        self, cursor: SQLiteCursor, stored_events: Sequence[StoredEvent]
+        self, writer: SQLiteConnection, stored_events: Sequence[StoredEvent]
     ) -> list[int]:
         count = len(stored_events)
         statement = self._statements.get(count)
@@ -269,11 +274,11 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
                 s.topic,
                 s.state,
             )
-        cursor.execute(statement, params)
+        cursor = writer._sqlite_conn.execute(statement, params)
         # One statement's rows take consecutive rowids in VALUES order (one writer at a
         # time), and `lastrowid` is the outer statement's last row even when triggers
         # insert rows of their own.
-        last = cursor.sqlite_cursor.lastrowid
+        last = cursor.lastrowid
         assert last is not None
         return list(range(last - count + 1, last + 1))
 
