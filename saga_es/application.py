@@ -53,7 +53,7 @@ from saga_es.settings import (
     configuration_error,
     step_timeout,
 )
-from saga_es.status import SagaStatus, StatusRecorder
+from saga_es.status import SagaStatus, StatusQuery, StatusRecorder
 
 log = logging.getLogger("saga_es")
 
@@ -483,7 +483,7 @@ class SagaApplication(Application[UUID]):
 
         Paginate with `after=` the last row's `saga_id`.
         """
-        return self._status_recorder.select_statuses(
+        query = StatusQuery(
             statuses=(status,) if isinstance(status, str) else tuple(status),
             name=name,
             key=key,
@@ -492,6 +492,7 @@ class SagaApplication(Application[UUID]):
             after=after,
             limit=limit,
         )
+        return self._status_recorder.select_statuses(query)
 
     def stats(self) -> dict[tuple[str, str], int]:
         """How many sagas there are per (definition name, status), from the projection."""

@@ -15,7 +15,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
 
-from saga_es.status import SagaStatus
+from saga_es.status import SagaStatus, StatusQuery
 
 RECORDER_TOPIC = "saga_es.popo:POPOSagaRecorder"
 
@@ -37,39 +37,14 @@ class POPOSagaRecorder(POPOApplicationRecorder):
             self._statuses[row.saga_id] = row
         return ids
 
-    def select_statuses(
-        self,
-        *,
-        statuses: Sequence[str] = (),
-        name: str | None = None,
-        key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
-        after: UUID | None = None,
-        limit: int = 100,
-    ) -> list[SagaStatus]:
-        """Rows matching every filter, ordered by (started_at, saga_id)."""
+    def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
+        """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
         with self._database_lock:
             rows = sorted(self._statuses.values(), key=_order)
-            start = self._statuses.get(after) if after is not None else None
-        selected = []
-        for row in rows:
-            if start is not None and _order(row) <= _order(start):
-                continue
-            if statuses and row.status not in statuses:
-                continue
-            if name is not None and row.name != name:
-                continue
-            if key is not None and row.key != key:
-                continue
-            if started_after is not None and row.started_at <= started_after:
-                continue
-            if started_before is not None and row.started_at >= started_before:
-                continue
-            selected.append(row)
-            if len(selected) == limit:
-                break
-        return selected
+            start = self._statuses.get(query.after) if query.after is not None else None
+        if start is not None:
+            rows = [row for row in rows if _order(row) > _order(start)]
+        return [row for row in rows if query.matches(row)][: query.limit]
 
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 from uuid import UUID
 
@@ -55,7 +55,7 @@ from psycopg.types.composite import register_composite
 
 from saga_es.errors import ConfigurationError, persistence_error
 from saga_es.settings import configuration_error
-from saga_es.status import SagaStatus, where
+from saga_es.status import SagaStatus, StatusQuery, where
 
 ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
 """What `SagaApplication` sets `APPLICATION_RECORDER_TOPIC` to on PostgreSQL by default."""
@@ -205,32 +205,13 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         for statement in statements:
             self.sql_create_statements.append(SQL(statement).format(**ids, **names))
 
-    def select_statuses(
-        self,
-        *,
-        statuses: Sequence[str] = (),
-        name: str | None = None,
-        key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
-        after: UUID | None = None,
-        limit: int = 100,
-    ) -> list[SagaStatus]:
-        """Rows matching every filter, ordered by (started_at, saga_id)."""
-        filters, params = where(
-            "%s",
-            statuses=statuses,
-            name=name,
-            key=key,
-            started_after=started_after,
-            started_before=started_before,
-            after=after,
-            saga_id=self._saga_id,
-        )
+    def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
+        """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
+        filters, params = where(query, "%s", saga_id=self._saga_id)
         table = SQL("{schema}.{status}").format(**self._status).as_string()
         statement = f"SELECT * FROM {table} s{filters.format(table=table)} LIMIT %s"
         with self.datastore.transaction(commit=False) as curs:
-            curs.execute(statement.encode(), [*params, limit])
+            curs.execute(statement.encode(), [*params, query.limit])
             return [_status(row) for row in curs.fetchall()]
 
     def count_statuses(self) -> dict[tuple[str, str], int]:

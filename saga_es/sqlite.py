@@ -39,7 +39,7 @@ from eventsourcing.sqlite import (
 
 from saga_es.errors import persistence_error
 from saga_es.status import ENDING_EVENTS as _ENDING_EVENTS
-from saga_es.status import IN_FLIGHT_STATES, SagaStatus, where
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus, StatusQuery, where
 
 MAX_ROWS_PER_STATEMENT = 500
 """Saves of up to this many events are one INSERT statement (4 bound values a row)."""
@@ -142,30 +142,15 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         """The table of the ids of the sagas in flight."""
         return f"{self.status_table_name}_in_flight"
 
-    def select_statuses(
-        self,
-        *,
-        statuses: Sequence[str] = (),
-        name: str | None = None,
-        key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
-        after: UUID | None = None,
-        limit: int = 100,
-    ) -> list[SagaStatus]:
-        """Rows matching every filter, ordered by (started_at, saga_id)."""
+    def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
+        """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
         filters, params = where(
+            query,
             "?",
-            statuses=statuses,
-            name=name,
-            key=key,
-            started_after=started_after,
-            started_before=started_before,
-            after=after,
             saga_id=lambda saga_id: saga_id.hex,
             when=lambda moment: moment.isoformat(),
         )
-        if statuses and set(statuses) <= set(IN_FLIGHT_STATES):
+        if query.in_flight_only:
             # Only sagas in flight can match: start from their ids, not from every saga.
             only = f" AND s.saga_id IN (SELECT saga_id FROM {self.flight})"
             filters = filters.replace(" ORDER BY", only + " ORDER BY", 1)
@@ -175,7 +160,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             + " LIMIT ?"
         )
         with self.datastore.transaction(commit=False) as c:
-            c.execute(statement, [*params, limit])
+            c.execute(statement, [*params, query.limit])
             return [_status(row) for row in c.fetchall()]
 
     def count_statuses(self) -> dict[tuple[str, str], int]:

@@ -55,6 +55,44 @@ class SagaStatus:
         )
 
 
+@dataclass(frozen=True)
+class StatusQuery:
+    """Which status rows to read: those matching every filter given, oldest first.
+
+    A page holds up to `limit` rows after the row of saga `after` (the last one of the
+    previous page). Naive datetimes are taken as UTC, as eventsourcing's timestamps are.
+    """
+
+    statuses: tuple[str, ...] = ()
+    name: str | None = None
+    key: str | None = None
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    after: UUID | None = None
+    limit: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("started_after", "started_before"):
+            moment = getattr(self, name)
+            if moment is not None and moment.tzinfo is None:
+                object.__setattr__(self, name, moment.replace(tzinfo=UTC))
+
+    @property
+    def in_flight_only(self) -> bool:
+        """Only sagas in flight can match: a store may start from their ids alone."""
+        return bool(self.statuses) and set(self.statuses) <= set(IN_FLIGHT_STATES)
+
+    def matches(self, row: SagaStatus) -> bool:
+        """Whether `row` passes every filter (the page bounds, `after` and `limit`, aside)."""
+        return (
+            (not self.statuses or row.status in self.statuses)
+            and (self.name is None or row.name == self.name)
+            and (self.key is None or row.key == self.key)
+            and (self.started_after is None or row.started_at > self.started_after)
+            and (self.started_before is None or row.started_at < self.started_before)
+        )
+
+
 @runtime_checkable
 class StatusRecorder(Protocol):
     """What a recorder offers on top of eventsourcing's: the status rows.
@@ -68,21 +106,8 @@ class StatusRecorder(Protocol):
 
     wants_status_rows: bool
 
-    def select_statuses(
-        self,
-        *,
-        statuses: Sequence[str] = (),
-        name: str | None = None,
-        key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
-        after: UUID | None = None,
-        limit: int = 100,
-    ) -> list[SagaStatus]:
-        """Rows matching every given filter, ordered by (started_at, saga_id).
-
-        `after` is the last saga id of the previous page.
-        """
+    def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
+        """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
 
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""
@@ -95,47 +120,37 @@ class StatusRecorder(Protocol):
 
 
 def where(
+    query: StatusQuery,
     placeholder: str,
     *,
-    statuses: Sequence[str] = (),
-    name: str | None = None,
-    key: str | None = None,
-    started_after: datetime | None = None,
-    started_before: datetime | None = None,
-    after: UUID | None = None,
     saga_id: Callable[[UUID], Any] = str,
     when: Callable[[datetime], Any] = lambda t: t,
 ) -> tuple[str, list[Any]]:
-    """The filter and order (`WHERE ... ORDER BY ...`) of `select_statuses` in SQL.
+    """The filter and order (`WHERE ... ORDER BY ...`) of `query` in SQL.
 
     `placeholder` is the driver's (`?` or `%s`); `saga_id` and `when` convert values to
     the column types. The status table is aliased `s`; `{table}` stands for its name.
     """
     clauses: list[str] = []
     params: list[Any] = []
-    if statuses:
-        clauses.append(f"s.status IN ({', '.join([placeholder] * len(statuses))})")
-        params += statuses
-    for column, value in (("s.name", name), ("s.key", key)):
+    if query.statuses:
+        clauses.append(f"s.status IN ({', '.join([placeholder] * len(query.statuses))})")
+        params += query.statuses
+    for column, value in (("s.name", query.name), ("s.key", query.key)):
         if value is not None:
             clauses.append(f"{column} = {placeholder}")
             params.append(value)
-    if started_after is not None:
+    if query.started_after is not None:
         clauses.append(f"s.started_at > {placeholder}")
-        params.append(when(_utc(started_after)))
-    if started_before is not None:
+        params.append(when(query.started_after))
+    if query.started_before is not None:
         clauses.append(f"s.started_at < {placeholder}")
-        params.append(when(_utc(started_before)))
-    if after is not None:
+        params.append(when(query.started_before))
+    if query.after is not None:
         clauses.append(
             "(s.started_at, s.saga_id) > "
             f"(SELECT p.started_at, p.saga_id FROM {{table}} p WHERE p.saga_id = {placeholder})"
         )
-        params.append(saga_id(after))
+        params.append(saga_id(query.after))
     filters = " WHERE " + " AND ".join(clauses) if clauses else ""
     return filters + " ORDER BY s.started_at, s.saga_id", params
-
-
-def _utc(moment: datetime) -> datetime:
-    """Naive datetimes are taken as UTC, as eventsourcing's timestamps are."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
