@@ -9,8 +9,10 @@ from saga_es.aggregate import (
     SagaCompensated,
     SagaCompleted,
     SagaEvent,
+    SagaResolved,
     SagaStarted,
     SagaStuck,
+    SagaTimedOut,
     StepCompleted,
     StepFailed,
     StepReconciled,
@@ -18,8 +20,11 @@ from saga_es.aggregate import (
     StreamProblem,
 )
 from saga_es.application import SagaApplication, SagaUpdate
-from saga_es.definition import SagaDefinition, Step
+from saga_es.breaker import CircuitBreaker
+from saga_es.clock import Clock, FakeClock, SystemClock
+from saga_es.definition import Parallel, Retry, SagaDefinition, Step
 from saga_es.errors import (
+    CircuitOpen,
     ConfigurationError,
     ContextError,
     DefinitionError,
@@ -27,6 +32,8 @@ from saga_es.errors import (
     IllegalTransition,
     SagaError,
     SagaNotFound,
+    StepCancelled,
+    StepTimeout,
     UnreadableEvent,
     VersionNotFound,
 )
@@ -36,6 +43,9 @@ from saga_es.status import SagaStatus
 
 __all__ = [
     "TERMINAL_STATES",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "Clock",
     "CompensationFailed",
     "CompensationRan",
     "CompensationReconciled",
@@ -44,8 +54,11 @@ __all__ = [
     "ContextError",
     "DefinitionError",
     "DefinitionNotFound",
+    "FakeClock",
     "IllegalTransition",
+    "Parallel",
     "RecoveryReport",
+    "Retry",
     "Saga",
     "SagaApplication",
     "SagaCompensated",
@@ -54,16 +67,21 @@ __all__ = [
     "SagaError",
     "SagaEvent",
     "SagaNotFound",
+    "SagaResolved",
     "SagaStarted",
     "SagaStatus",
     "SagaStuck",
+    "SagaTimedOut",
     "SagaUpdate",
     "Step",
+    "StepCancelled",
     "StepCompleted",
     "StepFailed",
     "StepReconciled",
     "StepStarted",
+    "StepTimeout",
     "StreamProblem",
+    "SystemClock",
     "UnreadableEvent",
     "VersionNotFound",
 ]

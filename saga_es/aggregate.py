@@ -7,8 +7,10 @@ Events' `apply` only assigns data, so replay runs no machine and no user code.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -53,6 +55,9 @@ class Saga(Aggregate):
         key: str | None
         context_type: str
         context: dict[str, Any]
+        parallel: list[list[str]] = dataclasses.field(default_factory=list)
+        fallback_compensable: list[str] = dataclasses.field(default_factory=list)
+        deadline: datetime | None = None
 
         def evolve(self, saga: Saga) -> None:
             """Record what the saga is made of."""
@@ -63,21 +68,31 @@ class Saga(Aggregate):
             saga.key = self.key
             saga.context_type = self.context_type
             saga.context_state = dict(self.context)
+            saga.groups = [list(group) for group in self.parallel]
+            saga.fallback_compensable = list(self.fallback_compensable)
+            saga.deadline = self.deadline
 
     Created = SagaStarted
 
     class StepStarted(Event):
-        """Written ahead: the step's action is about to run (this attempt)."""
+        """Written ahead: the step's action (or its `fallback`) is about to run."""
 
         TOPIC = "saga_es:StepStarted"
         trigger = "start_step"
         step: str
         attempt: int
+        fallback: bool = False
 
         def evolve(self, saga: Saga) -> None:
             """Mark the step as in flight on this attempt."""
             saga.in_flight[self.step] = self.attempt
             saga.attempts[self.step] = self.attempt
+            saga.retrying.pop(self.step, None)
+            if self.fallback:
+                if self.step not in saga.on_fallback:
+                    saga.on_fallback.append(self.step)
+            elif self.step in saga.on_fallback:
+                saga.on_fallback.remove(self.step)
 
     class StepCompleted(Event):
         """The action took effect; what it changed in the context, and what it returned."""
@@ -100,10 +115,11 @@ class Saga(Aggregate):
                 saga.results[self.step] = self.result
 
     class StepFailed(Event):
-        """The action raised; `will_retry` says whether another attempt follows.
+        """The action raised (or timed out); `will_retry` says whether another attempt follows.
 
-        `compensate` says the failed action may have left an effect that its own
-        compensation must undo (it is then compensated first).
+        `delay` is the wait before that attempt, `breaker` the state of the step's circuit
+        breaker after this failure. `compensate` says the failed action may have left an
+        effect that its own compensation must undo (it is then compensated first).
         """
 
         TOPIC = "saga_es:StepFailed"
@@ -114,10 +130,16 @@ class Saga(Aggregate):
         error_message: str
         will_retry: bool
         compensate: bool
+        delay: float = 0.0
+        breaker: str | None = None
 
         def evolve(self, saga: Saga) -> None:
             """Clear the step's flight and keep the error for readers."""
             del saga.in_flight[self.step]
+            if self.will_retry:
+                saga.retrying[self.step] = self.delay
+            else:  # the saga turns back: no other member's retry will start
+                saga.retrying.clear()
             if self.compensate:
                 saga.to_compensate.insert(0, self.step)
             saga.error = {
@@ -155,6 +177,7 @@ class Saga(Aggregate):
             """Mark the compensation in flight; earlier-ordered ones stay closed."""
             saga.compensating[self.step] = self.attempt
             saga.compensation_attempts[self.step] = self.attempt
+            saga.retrying.pop(self.step, None)
 
     class CompensationRan(Event):
         """The compensation took effect; what it changed in the context."""
@@ -173,7 +196,10 @@ class Saga(Aggregate):
             saga.context_state = apply_diff(saga.context_state, self.changes, self.removed)
 
     class CompensationFailed(Event):
-        """The compensation raised; `will_retry` says whether another attempt follows."""
+        """The compensation raised; `will_retry` says whether another attempt follows.
+
+        `delay` is the wait before that attempt.
+        """
 
         TOPIC = "saga_es:CompensationFailed"
         trigger = "fail_compensation"
@@ -182,11 +208,14 @@ class Saga(Aggregate):
         error_type: str
         error_message: str
         will_retry: bool
+        delay: float = 0.0
 
         def evolve(self, saga: Saga) -> None:
             """Clear the compensation's flight; a final failure awaits a person."""
             del saga.compensating[self.step]
-            if not self.will_retry:
+            if self.will_retry:
+                saga.retrying[self.step] = self.delay
+            else:
                 saga.compensation_failure = self.step
 
     class CompensationReconciled(Event):
@@ -214,6 +243,42 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:SagaCompensated"
         trigger = "compensate_saga"
+
+    class SagaTimedOut(Event):
+        """The saga's deadline passed between steps: it compensates instead of going on."""
+
+        TOPIC = "saga_es:SagaTimedOut"
+        trigger = "time_out_saga"
+        deadline: datetime
+
+        def evolve(self, saga: Saga) -> None:
+            """Keep why the saga turned back; no retry will start."""
+            saga.retrying.clear()
+            saga.error = {
+                "step": "",
+                "type": "DeadlineExceeded",
+                "message": f"the saga's deadline {self.deadline.isoformat()} passed",
+            }
+
+    class SagaResolved(Event):
+        """A person resolved a stuck saga: who, why, and how (`retry` or `mark-compensated`).
+
+        `retry` runs the failed compensation again (a new attempt); `mark-compensated`
+        records that the person undid the step by hand. Compensation then goes on.
+        """
+
+        TOPIC = "saga_es:SagaResolved"
+        trigger = "resolve_saga"
+        step: str
+        action: str
+        by: str
+        reason: str
+
+        def evolve(self, saga: Saga) -> None:
+            """Lift the halt; a step undone by hand counts as compensated."""
+            saga.compensation_failure = None
+            if self.action == machine.MARK_COMPENSATED:
+                saga.compensated.append(self.step)
 
     class SagaStuck(Event):
         """A compensation could not run: a person must finish the saga."""
@@ -252,6 +317,11 @@ class Saga(Aggregate):
         self.compensated: list[str] = []
         self.compensation_failure: str | None = None
         self.error: dict[str, str] | None = None
+        self.groups: list[list[str]] = []
+        self.fallback_compensable: list[str] = []
+        self.deadline: datetime | None = None
+        self.on_fallback: list[str] = []
+        self.retrying: dict[str, float] = {}
 
     # -- commands: each is one legal move, recorded as one event ----------------------
 
@@ -267,6 +337,9 @@ class Saga(Aggregate):
         key: str | None,
         context_type: str,
         context: State,
+        parallel: list[list[str]] | None = None,
+        fallback_compensable: list[str] | None = None,
+        deadline: datetime | None = None,
     ) -> Saga:
         """A new saga, `pending` until its first step starts."""
         to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})
@@ -281,11 +354,14 @@ class Saga(Aggregate):
             key=key,
             context_type=context_type,
             context=context,
+            parallel=parallel or [],
+            fallback_compensable=fallback_compensable or [],
+            deadline=deadline,
         )
 
-    def start_step(self, step: str, attempt: int) -> None:
-        """Record, ahead of running it, that `step`'s action is about to run."""
-        self._move(self.StepStarted, step=step, attempt=attempt)
+    def start_step(self, step: str, attempt: int, *, fallback: bool = False) -> None:
+        """Record, ahead of running it, that `step`'s action (or fallback) is about to run."""
+        self._move(self.StepStarted, step=step, attempt=attempt, fallback=fallback)
 
     def complete_step(
         self,
@@ -315,6 +391,8 @@ class Saga(Aggregate):
         error_message: str,
         will_retry: bool,
         compensate: bool = False,
+        delay: float = 0.0,
+        breaker: str | None = None,
     ) -> None:
         """Record that `step`'s action raised (`compensate`: its effect must be undone)."""
         self._move(
@@ -325,6 +403,8 @@ class Saga(Aggregate):
             error_message=error_message,
             will_retry=will_retry,
             compensate=compensate,
+            delay=delay,
+            breaker=breaker,
         )
 
     def reconcile_step(self, step: str, attempt: int, *, took_effect: bool) -> None:
@@ -348,7 +428,14 @@ class Saga(Aggregate):
         )
 
     def fail_compensation(
-        self, step: str, attempt: int, *, error_type: str, error_message: str, will_retry: bool
+        self,
+        step: str,
+        attempt: int,
+        *,
+        error_type: str,
+        error_message: str,
+        will_retry: bool,
+        delay: float = 0.0,
     ) -> None:
         """Record that `step`'s compensation raised."""
         self._move(
@@ -358,6 +445,7 @@ class Saga(Aggregate):
             error_type=error_type,
             error_message=error_message,
             will_retry=will_retry,
+            delay=delay,
         )
 
     def complete(self) -> None:
@@ -372,6 +460,14 @@ class Saga(Aggregate):
         """Record that the saga is stuck on `step`'s compensation."""
         self._move(self.SagaStuck, step=step, error_type=error_type, error_message=error_message)
 
+    def time_out(self) -> None:
+        """Record that the saga's deadline passed before its next step could start."""
+        self._move(self.SagaTimedOut, deadline=self.deadline)
+
+    def resolve(self, step: str, *, action: str, by: str, reason: str) -> None:
+        """Record a person's resolution of the stuck compensation of `step`."""
+        self._move(self.SagaResolved, step=step, action=action, by=by, reason=reason)
+
     def _move(self, event_class: type[Saga.Event], **data: Any) -> None:
         to_state = machine.check(self, event_class.trigger, data)
         self.trigger_event(event_class, to_state=to_state, **data)
@@ -385,11 +481,24 @@ class Saga(Aggregate):
 
     @property
     def next_compensation(self) -> str | None:
-        """The step to compensate next: in reverse order of completion, past steps without one."""
+        """The step to compensate next: in reverse order of completion, past steps without one.
+
+        A step whose fallback took effect is undone by the fallback's compensation.
+        """
         for step in self.to_compensate:
-            if step in self.compensable and step not in self.compensated:
+            if step in self.compensated:
+                continue
+            owners = self.fallback_compensable if step in self.on_fallback else self.compensable
+            if step in owners:
                 return step
         return None
+
+    def group_of(self, step: str) -> list[str]:
+        """The members of `step`'s parallel group; just `[step]` outside a group."""
+        for group in self.groups:
+            if step in group:
+                return group
+        return [step]
 
     @property
     def is_terminal(self) -> bool:
@@ -415,6 +524,7 @@ class _Unborn:
         self.compensation_attempts: dict[str, int] = {}
         self.compensation_failure: str | None = None
         self.next_compensation: str | None = None
+        self.groups: list[list[str]] = []
 
 
 @dataclass(frozen=True)
@@ -493,3 +603,5 @@ CompensationReconciled = Saga.CompensationReconciled
 SagaCompleted = Saga.SagaCompleted
 SagaCompensated = Saga.SagaCompensated
 SagaStuck = Saga.SagaStuck
+SagaTimedOut = Saga.SagaTimedOut
+SagaResolved = Saga.SagaResolved

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
@@ -34,6 +34,7 @@ from eventsourcing.utils import EnvType, TopicError, resolve_topic
 
 from saga_es import recovery, runner
 from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
+from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.context import State, to_state, topic_of
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
@@ -145,7 +146,12 @@ class SagaApplication(Application[UUID]):
         *,
         definitions: Iterable[SagaDefinition] = (),
         default_step_timeout: float | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """Open the store; `clock` is where retry waits, breakers and deadlines read time.
+
+        Tests pass a `saga_es.FakeClock`; step timeouts always run on real time.
+        """
         settings = self.construct_env(self.name, env)
         try:
             if "postgres" in settings.get("PERSISTENCE_MODULE", ""):
@@ -158,6 +164,7 @@ class SagaApplication(Application[UUID]):
         except Exception as e:
             raise configuration_error(e, settings) from None
         self.default_step_timeout = step_timeout(default_step_timeout, settings)
+        self.clock: Clock = clock or SYSTEM_CLOCK
         self.definitions: dict[tuple[str, int], SagaDefinition] = {}
         self.register(*definitions)
 
@@ -233,7 +240,7 @@ class SagaApplication(Application[UUID]):
             if not self._save_start(saga):
                 return self.get(saga.id)
             try:
-                runner.run(saga, definition, self._save, self._check_encodable)
+                runner.run(saga, definition, self._save, self._check_encodable, clock=self.clock)
             except IntegrityError:
                 return self._taken_over(saga)
         return saga
@@ -285,7 +292,8 @@ class SagaApplication(Application[UUID]):
             return
         yield events, saga
         try:
-            async for events in runner.arun(saga, definition, self._asave, self._check_encodable):
+            check, clock = self._check_encodable, self.clock
+            async for events in runner.arun(saga, definition, self._asave, check, clock=clock):
                 yield events, saga
         except IntegrityError:
             yield [], await asyncio.to_thread(self._taken_over, saga)
@@ -318,6 +326,11 @@ class SagaApplication(Application[UUID]):
             key=None if key is None else str(key),
             context_type=context_type,
             context=state,
+            parallel=[list(group) for group in definition.groups],
+            fallback_compensable=definition.fallback_compensable,
+            deadline=None
+            if definition.deadline is None
+            else self.clock.now() + timedelta(seconds=definition.deadline),
         )
         runner.begin(saga)
         return saga
@@ -463,6 +476,26 @@ class SagaApplication(Application[UUID]):
         reported, not fatal. `progress(done, total)` is called after each saga.
         """
         return recovery.recover(self, progress=progress)
+
+    def resolve(self, saga_id: UUID | str, action: str = "retry", *, by: str, reason: str) -> Saga:
+        """Finish a stuck saga by hand, recording who did it and why.
+
+        `action="retry"` runs the failed compensation again; `"mark-compensated"` records
+        that `by` undid that step by hand. Either way compensation then goes on, so the
+        saga ends `compensated` (or `stuck` again, if another compensation fails).
+        """
+        for label, value in (("by", by), ("reason", reason)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"resolve needs {label}= (a non-empty string), got {value!r}")
+        saga = self.get(saga_id)
+        definition = self.definition(saga.name, saga.definition_version)
+        runner.resolve(saga, action, by=by, reason=reason)
+        try:
+            self._save(saga)
+            runner.run(saga, definition, self._save, self._check_encodable, clock=self.clock)
+        except IntegrityError:
+            return self._taken_over(saga)
+        return saga
 
     def verify(self) -> list[StreamProblem]:
         """Replay every stored stream through the state machine; what it would refuse."""

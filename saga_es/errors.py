@@ -8,7 +8,10 @@
     ├── DefinitionNotFound (KeyError)    no definition is registered under that name and version
     ├── VersionNotFound (KeyError)       the saga has no event at that version
     ├── UnreadableEvent (ValueError)     a stored event cannot be decoded (unknown type, corrupt)
-    └── IllegalTransition                the state machine refused a move
+    ├── IllegalTransition                the state machine refused a move
+    ├── StepTimeout (TimeoutError)       an attempt outlived its timeout or the saga's deadline
+    ├── StepCancelled                    a parallel member was cut off because its group failed
+    └── CircuitOpen                      a step's breaker is open: its primary action was not called
 
 Errors carry what they concern as attributes, so callers need not parse messages.
 """
@@ -103,6 +106,31 @@ class IllegalTransition(SagaError):
         self.state = state
         self.trigger = trigger
         self.reason = reason
+
+
+class StepTimeout(SagaError, TimeoutError):
+    """What a step records when an attempt is cut: its outcome is unknown."""
+
+    def __init__(self, step: str, attempt: int, seconds: float, *, deadline: bool = False) -> None:
+        limit = "the saga's deadline" if deadline else f"its {seconds:g}s timeout"
+        super().__init__(f"step {step!r} attempt {attempt} was cut by {limit}")
+        self.step, self.attempt, self.seconds, self.deadline = step, attempt, seconds, deadline
+
+
+class StepCancelled(SagaError):
+    """What a parallel member records when a sibling's failure cut it off."""
+
+    def __init__(self, step: str, attempt: int, cause: str) -> None:
+        super().__init__(f"step {step!r} attempt {attempt} was cancelled because {cause}")
+        self.step, self.attempt, self.cause = step, attempt, cause
+
+
+class CircuitOpen(SagaError):
+    """What a step records when its breaker refused to call the primary action."""
+
+    def __init__(self, breaker: str) -> None:
+        super().__init__(f"circuit breaker {breaker!r} is open: the primary action was not called")
+        self.breaker = breaker
 
 
 _PEP_249 = frozenset(

@@ -4,14 +4,19 @@
                                               │ ▲ start_step / complete_step / reconcile_step /
                                               │ │ fail_step (will retry)
                                               └─┘
-                                              │ fail_step
+                                              │ fail_step / time_out_saga
                                               ▼
                                          compensating ─compensate_saga─► compensated
-                                              │ start_ / complete_ / fail_ / reconcile_compensation
-                                              └─halt_saga─► stuck
+                                              │ ▲ start_ / complete_ / fail_ /
+                                              │ │ reconcile_compensation; parallel
+                                              │ │ members settling after a failure
+                                              │ └─resolve_saga── stuck
+                                              └─halt_saga─────► stuck
 
 A step's new attempt may start while its previous attempt is in flight only as that
 attempt's direct successor: recovery re-running an attempt whose outcome is unknown.
+Several steps are in flight at once only as members of one `Parallel` group, and no
+compensation starts while any of them is.
 
 The machine holds no saga: `check` hands it a throw-away probe carrying the
 saga's state, so no Machine, model list or callback is ever attached to a saga
@@ -38,6 +43,12 @@ COMPENSATED = "compensated"
 STUCK = "stuck"
 
 STATES = (NEW, PENDING, RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK)
+
+RETRY = "retry"
+MARK_COMPENSATED = "mark-compensated"
+RESOLUTIONS = (RETRY, MARK_COMPENSATED)
+"""How a person may resolve a stuck saga: run the failed compensation again, or record
+that they undid the step by hand."""
 TERMINAL_STATES = frozenset({COMPLETED, COMPENSATED})
 """States a saga never leaves: nothing is left to run."""
 
@@ -97,17 +108,35 @@ def _may_start(
     return True
 
 
+def _group_of(saga: SagaState, step: str) -> Sequence[str]:
+    """The members of `step`'s parallel group: just `[step]` outside one."""
+    for group in getattr(saga, "groups", ()):
+        if step in group:
+            return group  # type: ignore[no-any-return]
+    return (step,)
+
+
 def _step_may_start(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
     step, attempt = ev.kwargs["step"], ev.kwargs["attempt"]
-    if not saga.in_flight:
-        if len(saga.completed) >= len(saga.steps):
-            return _refuse(probe, "every step has completed")
-        expected = saga.steps[len(saga.completed)]
-        if step != expected:
-            return _refuse(probe, f"the next step is {expected!r}, not {step!r}")
-    return _may_start(probe, "step", step, attempt, saga.in_flight, saga.attempts.get(step, 0))
+    if step in saga.in_flight:
+        return _may_start(probe, "step", step, attempt, {step: saga.in_flight[step]}, 0)
+    completed = saga.completed
+    if len(completed) >= len(saga.steps):
+        return _refuse(probe, "every step has completed")
+    if len(completed) == 0 or saga.steps[len(completed) - 1] in completed:
+        expected = saga.steps[len(completed)]  # the usual case: steps complete in order
+    else:
+        expected = next(s for s in saga.steps if s not in completed)
+    group = _group_of(saga, expected)
+    for busy, busy_attempt in saga.in_flight.items():
+        if busy not in group or step not in group:
+            return _refuse(probe, f"step {busy!r} is still in flight (attempt {busy_attempt})")
+    if step not in group or step in completed:
+        due = " or ".join(repr(s) for s in group if s not in completed)
+        return _refuse(probe, f"the next step is {due}, not {step!r}")
+    return _may_start(probe, "step", step, attempt, {}, saga.attempts.get(step, 0))
 
 
 def _in_flight(probe: _Probe, kind: str, step: str, attempt: int, flying: dict[str, int]) -> bool:
@@ -129,6 +158,20 @@ def _will_retry(ev: Any) -> bool:
     return bool(ev.kwargs.get("will_retry"))
 
 
+def _gives_up(ev: Any) -> bool:
+    """A parallel member still in flight when the saga turned back cannot be retried."""
+    if ev.kwargs.get("will_retry"):
+        return _refuse(ev.model, "the saga is compensating: nothing is retried")
+    return True
+
+
+def _nothing_in_flight(ev: Any) -> bool:
+    probe: _Probe = ev.model
+    if probe.saga.in_flight:
+        return _refuse(probe, f"step {next(iter(probe.saga.in_flight))!r} is still in flight")
+    return True
+
+
 def _all_steps_completed(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
@@ -144,6 +187,8 @@ def _compensation_may_start(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
     step, attempt = ev.kwargs["step"], ev.kwargs["attempt"]
+    if saga.in_flight:
+        return _refuse(probe, f"step {next(iter(saga.in_flight))!r} is still in flight")
     if saga.compensation_failure is not None:
         return _refuse(
             probe, f"compensation of {saga.compensation_failure!r} failed; the saga is halting"
@@ -168,6 +213,8 @@ def _compensation_in_flight(ev: Any) -> bool:
 def _fully_compensated(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
+    if saga.in_flight:
+        return _refuse(probe, f"step {next(iter(saga.in_flight))!r} is still in flight")
     if saga.compensating:
         return _refuse(probe, f"compensation of {next(iter(saga.compensating))!r} is in flight")
     if saga.compensation_failure is not None:
@@ -184,6 +231,17 @@ def _compensation_failed(ev: Any) -> bool:
         return _refuse(probe, f"compensation of {next(iter(saga.compensating))!r} is in flight")
     if saga.compensation_failure is None:
         return _refuse(probe, "no compensation has failed")
+    if ev.kwargs.get("step") != saga.compensation_failure:
+        return _refuse(probe, f"the compensation that failed is {saga.compensation_failure!r}")
+    return True
+
+
+def _resolvable(ev: Any) -> bool:
+    probe: _Probe = ev.model
+    saga = probe.saga
+    action = ev.kwargs.get("action")
+    if action not in RESOLUTIONS:
+        return _refuse(probe, f"resolve with one of {', '.join(RESOLUTIONS)}, not {action!r}")
     if ev.kwargs.get("step") != saga.compensation_failure:
         return _refuse(probe, f"the compensation that failed is {saga.compensation_failure!r}")
     return True
@@ -217,10 +275,34 @@ TRANSITIONS: list[dict[str, Any]] = [
         "conditions": _step_in_flight,
     },
     {
+        "trigger": "time_out_saga",
+        "source": RUNNING,
+        "dest": COMPENSATING,
+        "conditions": _nothing_in_flight,
+    },
+    {
         "trigger": "complete_saga",
         "source": RUNNING,
         "dest": COMPLETED,
         "conditions": _all_steps_completed,
+    },
+    {
+        "trigger": "complete_step",
+        "source": COMPENSATING,
+        "dest": COMPENSATING,
+        "conditions": _step_in_flight,
+    },
+    {
+        "trigger": "fail_step",
+        "source": COMPENSATING,
+        "dest": COMPENSATING,
+        "conditions": [_step_in_flight, _gives_up],
+    },
+    {
+        "trigger": "reconcile_step",
+        "source": COMPENSATING,
+        "dest": COMPENSATING,
+        "conditions": _step_in_flight,
     },
     {
         "trigger": "start_compensation",
@@ -257,6 +339,12 @@ TRANSITIONS: list[dict[str, Any]] = [
         "source": COMPENSATING,
         "dest": STUCK,
         "conditions": _compensation_failed,
+    },
+    {
+        "trigger": "resolve_saga",
+        "source": STUCK,
+        "dest": COMPENSATING,
+        "conditions": _resolvable,
     },
 ]
 

@@ -104,7 +104,7 @@ def _recover_one(
     try:
         first = runner.resume(saga, definition)
         app._save(saga)  # the fencing point: this append must win the version check
-        runner.run(saga, definition, app._save, app._check_encodable, first)
+        runner.run(saga, definition, app._save, app._check_encodable, first, app.clock)
     except IntegrityError:
         log.warning(
             "saga %s: another worker appended first (version %s); leaving it to that worker",

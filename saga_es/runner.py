@@ -1,25 +1,31 @@
 """Drives a saga through its definition: callables in, events out, one commit per boundary.
 
-The decisions (what ran, what runs next, how to resume) are plain functions over
-the saga and its definition, shared by the sync and the async driver; the drivers
-only call the user's code and save. Write-ahead holds on both paths: a
-`StepStarted` or `CompensationStarted` is saved before its callable runs, and each
-boundary's outcome and next start are appended together, so they cost one commit.
+The decisions (what ran, what runs next, how to resume, whether to retry or fall
+back) are plain functions over the saga and its definition, shared by the sync and
+the async driver; the drivers only call the user's code, wait and save. Write-ahead
+holds on every path: a `StepStarted` or `CompensationStarted` is saved before its
+callable runs, and each boundary's outcome and next start are appended together, so
+they cost one commit. A retry that waits first commits its failure, waits, then
+commits its new start, so a crash while waiting never leaves a start that did not run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
+import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, TypedDict
 
 from saga_es.aggregate import Saga
+from saga_es.breaker import OPEN
+from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.context import State, diff, from_state, to_state
-from saga_es.definition import COMPENSATE, FAIL, RECONCILE, RETRY, SagaDefinition, Step
-from saga_es.errors import ContextError, SagaError
+from saga_es.definition import COMPENSATE, FAIL, RECONCILE, RETRY, SagaDefinition, Step, _is_async
+from saga_es.errors import CircuitOpen, ContextError, SagaError, StepCancelled, StepTimeout
 from saga_es.machine import COMPENSATING, PENDING, RUNNING
 
 Save = Callable[[Saga], Sequence[Saga.Event]]
@@ -50,107 +56,151 @@ class Call:
     """The callable a saga runs next.
 
     An action or a compensation (its start written ahead), or a reconcile function
-    asking whether an interrupted one took effect.
+    asking whether an interrupted one took effect. `fallback`: the step's fallback
+    (or the fallback's compensation) rather than its primary action.
     """
 
     step: Step
     kind: str
     attempt: int
     key: str
+    fallback: bool = False
 
     @property
     def fn(self) -> Callable[[Any, str], Any]:
         """The user's callable for this call."""
-        fn = {
-            ACTION: self.step.action,
-            COMPENSATION: self.step.compensation,
-            RECONCILE_ACTION: self.step.reconcile,
-            RECONCILE_COMPENSATION: self.step.reconcile_compensation,
-        }[self.kind]
+        step = self.step
+        if self.kind == ACTION:
+            fn = step.fallback if self.fallback else step.action
+        elif self.kind == COMPENSATION:
+            fn = step.fallback_compensation if self.fallback else step.compensation
+        elif self.kind == RECONCILE_ACTION:
+            fn = step.reconcile
+        else:
+            fn = step.reconcile_compensation
         assert fn is not None
         return fn
 
     @property
     def is_async(self) -> bool:
         """Whether `fn` must be awaited (decided once, at definition time, for the hot path)."""
-        if self.kind == ACTION:
+        if self.kind == ACTION and not self.fallback:
             return self.step.action_is_async
-        if self.kind == COMPENSATION:
+        if self.kind == COMPENSATION and not self.fallback:
             return self.step.compensation_is_async
-        return inspect.iscoroutinefunction(self.fn)
+        return _is_async(self.fn)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a call did: the context state it left, its result, or the error it raised."""
+    """What a call did: the context state it left, its result, or the error it raised.
+
+    `base` is the state the call was given: a parallel member's changes are taken
+    against it, not against what its siblings have recorded since. `breaker` is the
+    step's breaker state after the call; `took_effect` is set when a timed-out action
+    was reconciled.
+    """
 
     state: State | None = None
+    base: State | None = None
     result: Any = None
     error: Exception | None = None
+    breaker: str | None = None
+    took_effect: bool | None = None
 
 
 # -- decisions: pure, on the saga and its definition ----------------------------------
 
 
 def begin(saga: Saga) -> None:
-    """Write ahead the first step's start."""
-    saga.start_step(saga.steps[0], 1)
+    """Write ahead the first step's start (every member's, for a parallel group)."""
+    _advance(saga, None)
 
 
-def resume(saga: Saga, definition: SagaDefinition) -> Call | None:
-    """Append what resuming an interrupted saga starts with; maybe a reconcile to call first.
+def resume(saga: Saga, definition: SagaDefinition) -> list[Call]:
+    """Append what resuming an interrupted saga starts with; maybe reconciles to call first.
 
     A call whose start is recorded but whose outcome is not may or may not have taken
     effect: its step's recovery policy decides (re-run it as a new attempt, fail it,
-    fail and compensate it, or ask its reconcile function).
+    fail and compensate it, or ask its reconcile function). A retry that was waiting
+    for its delay starts at once.
     """
     if saga.status == PENDING:
-        begin(saga)
+        _advance(saga, None)
     elif saga.status == RUNNING:
-        for step, attempt in saga.in_flight.items():
-            policy = definition.step(step).recovery
-            if policy == RECONCILE:
-                return Call(definition.step(step), RECONCILE_ACTION, attempt, saga.step_key(step))
-            if policy == RETRY:
-                saga.start_step(step, attempt + 1)
+        flying = list(saga.in_flight.items())
+        policies = {step: definition.step(step).recovery for step, _ in flying}
+        if any(policy in (FAIL, COMPENSATE) for policy in policies.values()):
+            for step, attempt in flying:  # one member gives up: the whole group turns back
+                _fail_unknown(saga, definition.step(step), attempt, str(policies[step]))
+            _compensate_next(saga)
+            return []
+        calls = []
+        for step, attempt in flying:
+            fallback = step in saga.on_fallback
+            if policies[step] == RECONCILE:
+                key = saga.step_key(step)
+                calls.append(Call(definition.step(step), RECONCILE_ACTION, attempt, key, fallback))
             else:
-                compensate = policy == COMPENSATE
-                saga.fail_step(
-                    step, attempt, **_unknown(attempt), will_retry=False, compensate=compensate
-                )
-                _compensate_next(saga)
-            return None
-        _advance(saga)
+                saga.start_step(step, attempt + 1, fallback=fallback)
+        if not flying and saga.retrying:
+            _restart(saga, None)
+        elif not flying:
+            _advance(saga, None)
+        return calls
     elif saga.status == COMPENSATING:
+        for step, attempt in list(saga.in_flight.items()):  # not written by saga_es itself
+            _fail_unknown(saga, definition.step(step), attempt, FAIL)
         for step, attempt in saga.compensating.items():
             policy = definition.step(step).compensation_recovery
             if policy == RECONCILE:
                 key = saga.step_key(step)
-                return Call(definition.step(step), RECONCILE_COMPENSATION, attempt, key)
+                fallback = step in saga.on_fallback
+                return [Call(definition.step(step), RECONCILE_COMPENSATION, attempt, key, fallback)]
             if policy == RETRY:
                 saga.start_compensation(step, attempt + 1)
             else:
                 assert policy == FAIL
                 saga.fail_compensation(step, attempt, **_unknown(attempt), will_retry=False)
                 saga.halt(step, **_unknown(attempt))
-            return None
+            return []
         _compensate_next(saga)
-    return None
+    return []
+
+
+def next_calls(saga: Saga, definition: SagaDefinition) -> list[Call]:
+    """The calls whose start is recorded but whose outcome is not."""
+    fallbacks = saga.on_fallback
+    if saga.in_flight:
+        return [
+            Call(definition.step(step), ACTION, attempt, saga.step_key(step), step in fallbacks)
+            for step, attempt in saga.in_flight.items()
+        ]
+    return [
+        Call(definition.step(step), COMPENSATION, attempt, saga.step_key(step), step in fallbacks)
+        for step, attempt in saga.compensating.items()
+    ]
 
 
 def next_call(saga: Saga, definition: SagaDefinition) -> Call | None:
-    """The call whose start is recorded but whose outcome is not, if any."""
-    for step, attempt in saga.in_flight.items():
-        return Call(definition.step(step), ACTION, attempt, saga.step_key(step))
-    for step, attempt in saga.compensating.items():
-        return Call(definition.step(step), COMPENSATION, attempt, saga.step_key(step))
-    return None
+    """The first of `next_calls`, if any."""
+    calls = next_calls(saga, definition)
+    return calls[0] if calls else None
 
 
 def settle(
-    saga: Saga, definition: SagaDefinition, call: Call, outcome: Outcome, check: Check
-) -> None:
-    """Append the call's outcome and the start of whatever runs next (or the end)."""
+    saga: Saga,
+    definition: SagaDefinition,
+    call: Call,
+    outcome: Outcome,
+    check: Check,
+    now: datetime | None = None,
+) -> float | None:
+    """Append the call's outcome and the start of whatever runs next (or the end).
+
+    Returns the seconds to wait before a retry starts, when one must wait: the driver
+    saves, waits, then calls `restart`.
+    """
     step, attempt = call.step.name, call.attempt
     if call.kind in (RECONCILE_ACTION, RECONCILE_COMPENSATION):
         if outcome.error is not None:
@@ -159,20 +209,24 @@ def settle(
         if call.kind == RECONCILE_ACTION:
             saga.reconcile_step(step, attempt, took_effect=took_effect)
             if not took_effect:
-                saga.start_step(step, attempt + 1)
-                return
+                saga.start_step(step, attempt + 1, fallback=call.fallback)
+                return None
         else:
             saga.reconcile_compensation(step, attempt, took_effect=took_effect)
             if not took_effect:
                 saga.start_compensation(step, attempt + 1)
-                return
-        outcome = Outcome(state=outcome.state)  # it took effect: record it as the call's own
+                return None
+        outcome = Outcome(state=outcome.state, base=outcome.base)  # record it as the call's own
+    elif outcome.took_effect:  # a timed-out action that its reconcile says took effect
+        saga.reconcile_step(step, attempt, took_effect=True)
+        outcome = Outcome(state=saga.context_state)
     changes: State = {}
     removed: list[str] = []
     error = outcome.error
     if error is None:
         assert outcome.state is not None
-        changes, removed = diff(saga.context_state, outcome.state)
+        base = saga.context_state if outcome.base is None else outcome.base
+        changes, removed = diff(base, outcome.state)
         try:
             check(changes, outcome.result)
         except ContextError as e:
@@ -182,25 +236,166 @@ def settle(
             saga.complete_step(
                 step, attempt, changes=changes, removed=removed, result=outcome.result
             )
-            _advance(saga)
-        else:
-            fields = _error_fields(error)
-            saga.fail_step(step, attempt, **fields, will_retry=False)
-            _compensate_next(saga)
-    elif error is None:
+            if not saga.in_flight and not saga.retrying:
+                if saga.status == RUNNING:
+                    _advance(saga, now)
+                else:  # the last parallel member left in flight when the group turned back
+                    _compensate_next(saga)
+            return None
+        return _fail_action(saga, call, outcome, error, now)
+    if error is None:
         saga.complete_compensation(step, attempt, changes=changes, removed=removed)
         _compensate_next(saga)
-    else:
-        saga.fail_compensation(step, attempt, **_error_fields(error), will_retry=False)
-        saga.halt(step, **_error_fields(error))
+        return None
+    retry = call.step.compensation_retries
+    if not isinstance(error, ContextError) and retry.retries(error, attempt):
+        delay = retry.wait(attempt)
+        fields = _error_fields(error)
+        saga.fail_compensation(step, attempt, **fields, will_retry=True, delay=delay)
+        if delay > 0:
+            return delay
+        _compensate_next(saga)
+        return None
+    saga.fail_compensation(step, attempt, **_error_fields(error), will_retry=False)
+    saga.halt(step, **_error_fields(error))
+    return None
 
 
-def _advance(saga: Saga) -> None:
-    if len(saga.completed) < len(saga.steps):
-        step = saga.steps[len(saga.completed)]
-        saga.start_step(step, saga.attempts.get(step, 0) + 1)
+def restart(saga: Saga, now: datetime | None = None) -> None:
+    """Start the attempts whose retry delay has passed (or turn back at the deadline)."""
+    _restart(saga, now)
+
+
+def resolve(saga: Saga, action: str, *, by: str, reason: str) -> None:
+    """Append a person's resolution of a stuck saga and the compensation that follows."""
+    step = saga.compensation_failure or saga.step or ""
+    saga.resolve(step, action=action, by=by, reason=reason)
+    _compensate_next(saga)
+
+
+def cancelled(saga: Saga, call: Call, cause: str) -> None:
+    """Record a parallel member cut off because its group turned back: outcome unknown."""
+    error = StepCancelled(call.step.name, call.attempt, cause)
+    _fail_unknown(saga, call.step, call.attempt, str(call.step.recovery), str(error), error)
+
+
+def _fail_action(
+    saga: Saga, call: Call, outcome: Outcome, error: Exception, now: datetime | None
+) -> float | None:
+    step, name, attempt = call.step, call.step.name, call.attempt
+    fields = _error_fields(error)
+    # A cut attempt may have taken effect (unless reconciled): only `retry` runs it again.
+    unknown = isinstance(error, StepTimeout) and outcome.took_effect is None
+    past_deadline = _past_deadline(saga, now) or (isinstance(error, StepTimeout) and error.deadline)
+    retry = step.retries
+    forward = saga.status == RUNNING  # a member settled after its group turned back is not
+    may_retry = (
+        forward
+        and not call.fallback
+        and not past_deadline
+        and not isinstance(error, ContextError)
+        and not (isinstance(error, CircuitOpen) and step.fallback is not None)
+        and not (unknown and step.recovery != RETRY)
+        and retry.retries(error, attempt)
+    )
+    if may_retry:
+        delay = retry.wait(attempt)
+        if saga.deadline is None or now is None or _seconds(saga.deadline, now) > delay:
+            saga.fail_step(
+                name, attempt, **fields, will_retry=True, delay=delay, **_breaker(outcome)
+            )
+            if delay > 0:
+                return delay
+            saga.start_step(name, attempt + 1)
+            return None
+    if (
+        forward
+        and step.fallback is not None
+        and not call.fallback
+        and not unknown
+        and not past_deadline
+        and isinstance(error, step.fallback_on)
+        and not isinstance(error, ContextError)
+    ):
+        saga.fail_step(name, attempt, **fields, will_retry=True, **_breaker(outcome))
+        saga.start_step(name, attempt + 1, fallback=True)
+        return None
+    if unknown:
+        _fail_unknown(saga, step, attempt, str(step.recovery), fields["error_message"], error)
     else:
+        undo = _undo_of(step, call.fallback) is not None and step.compensate_on_failure
+        saga.fail_step(
+            name, attempt, **fields, will_retry=False, compensate=undo, **_breaker(outcome)
+        )
+    if not saga.in_flight:
+        _compensate_next(saga)
+    return None
+
+
+def _fail_unknown(
+    saga: Saga,
+    step: Step,
+    attempt: int,
+    policy: str,
+    message: str | None = None,
+    error: Exception | None = None,
+) -> None:
+    """Fail an attempt whose outcome nobody knows; undo it unless its policy says it took none."""
+    fallback = step.name in saga.on_fallback
+    undo = policy != FAIL and _undo_of(step, fallback) is not None
+    fields = _unknown(attempt)
+    if error is not None:
+        fields["error_type"] = type(error).__name__
+    if message is not None:
+        fields["error_message"] = message
+    saga.fail_step(step.name, attempt, **fields, will_retry=False, compensate=undo)
+
+
+def _undo_of(step: Step, fallback: bool) -> Any:
+    return step.fallback_compensation if fallback else step.compensation
+
+
+def _breaker(outcome: Outcome) -> dict[str, Any]:
+    return {"breaker": outcome.breaker} if outcome.breaker is not None else {}
+
+
+def _seconds(deadline: datetime, now: datetime) -> float:
+    return (deadline - now).total_seconds()
+
+
+def _past_deadline(saga: Saga, now: datetime | None) -> bool:
+    return saga.deadline is not None and now is not None and now >= saga.deadline
+
+
+def _advance(saga: Saga, now: datetime | None) -> None:
+    """Start the next step (every member, for a group), end the saga, or turn back."""
+    completed = saga.completed
+    if len(completed) >= len(saga.steps):
         saga.complete()
+        return
+    if _past_deadline(saga, now):
+        saga.time_out()
+        _compensate_next(saga)
+        return
+    if not completed or saga.steps[len(completed) - 1] in completed:
+        due = saga.steps[len(completed)]
+    else:
+        due = next(s for s in saga.steps if s not in completed)
+    for step in saga.group_of(due):
+        if step not in completed and step not in saga.in_flight:
+            saga.start_step(step, saga.attempts.get(step, 0) + 1)
+
+
+def _restart(saga: Saga, now: datetime | None) -> None:
+    if saga.status == COMPENSATING:
+        _compensate_next(saga)
+    elif saga.status == RUNNING:
+        if not saga.in_flight and _past_deadline(saga, now):
+            saga.time_out()
+            _compensate_next(saga)
+            return
+        for step in list(saga.retrying):
+            saga.start_step(step, saga.attempts.get(step, 0) + 1, fallback=step in saga.on_fallback)
 
 
 def _compensate_next(saga: Saga) -> None:
@@ -230,30 +425,136 @@ def _unknown(attempt: int) -> _ErrorFields:
 # -- calling user code -----------------------------------------------------------------
 
 
-def invoke(call: Call, saga: Saga) -> Outcome:
+class _Cut(Exception):
+    """The call outlived its time limit."""
+
+
+def _limit(call: Call, saga: Saga, clock: Clock) -> tuple[float | None, bool]:
+    """Seconds an action may run, and whether the saga's deadline (not the step) sets it."""
+    if call.kind != ACTION:
+        return None, False
+    timeout = call.step.timeout
+    if saga.deadline is not None:
+        remaining = max(0.0, _seconds(saga.deadline, clock.now()))
+        if timeout is None or remaining < timeout:
+            return remaining, True
+    return timeout, False
+
+
+def _breaker_of(call: Call) -> Any:
+    return call.step.breaker if call.kind == ACTION and not call.fallback else None
+
+
+def invoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
     """Run the call on a fresh copy of the recorded context, blocking."""
-    context = from_state(saga.context_type, saga.context_state)
+    breaker = _breaker_of(call)
+    if breaker is not None and not breaker.allow(clock.monotonic()):
+        return Outcome(error=CircuitOpen(breaker.name), breaker=OPEN)
+    limit, by_deadline = _limit(call, saga, clock)
+    base = saga.context_state
+    context = from_state(saga.context_type, base)
     try:
+        if limit is not None and limit <= 0:
+            raise _Cut
         if call.is_async:
-            result = _run_coroutine(call.fn(context, call.key))
-        else:
+            coro = call.fn(context, call.key)
+            result = _run_coroutine(coro if limit is None else _cut_after(coro, limit))
+        elif limit is None:
             result = call.fn(context, call.key)
-        return Outcome(state=to_state(context), result=result)
-    except Exception as e:
-        return Outcome(error=e)
-
-
-async def ainvoke(call: Call, saga: Saga) -> Outcome:
-    """Run the call on a fresh copy of the recorded context; sync code goes to a thread."""
-    context = from_state(saga.context_type, saga.context_state)
-    try:
-        if call.is_async:
-            result = await call.fn(context, call.key)
         else:
-            result = await asyncio.to_thread(call.fn, context, call.key)
-        return Outcome(state=to_state(context), result=result)
+            result = _call_in_thread(call.fn, context, call.key, limit)
+        outcome = Outcome(state=to_state(context), base=base, result=result)
+    except _Cut:
+        outcome = Outcome(
+            error=StepTimeout(call.step.name, call.attempt, limit or 0, deadline=by_deadline)
+        )
     except Exception as e:
-        return Outcome(error=e)
+        outcome = Outcome(error=e)
+    outcome = _record_breaker(breaker, outcome, clock)
+    if _must_reconcile(call, outcome):
+        reconcile = replace(call, kind=RECONCILE_ACTION)
+        answer = invoke(reconcile, saga, clock)
+        if answer.error is not None:
+            raise ReconcileError(saga.id, call.step.name, answer.error)
+        outcome = replace(outcome, took_effect=bool(answer.result))
+    return outcome
+
+
+async def ainvoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
+    """Run the call on a fresh copy of the recorded context; sync code goes to a thread."""
+    breaker = _breaker_of(call)
+    if breaker is not None and not breaker.allow(clock.monotonic()):
+        return Outcome(error=CircuitOpen(breaker.name), breaker=OPEN)
+    limit, by_deadline = _limit(call, saga, clock)
+    base = saga.context_state
+    context = from_state(saga.context_type, base)
+    try:
+        if limit is not None and limit <= 0:
+            raise _Cut
+        if call.is_async:
+            pending = call.fn(context, call.key)
+        else:
+            pending = asyncio.to_thread(call.fn, context, call.key)
+        result = await (pending if limit is None else _cut_after(pending, limit))
+        outcome = Outcome(state=to_state(context), base=base, result=result)
+    except _Cut:
+        outcome = Outcome(
+            error=StepTimeout(call.step.name, call.attempt, limit or 0, deadline=by_deadline)
+        )
+    except Exception as e:
+        outcome = Outcome(error=e)
+    outcome = _record_breaker(breaker, outcome, clock)
+    if _must_reconcile(call, outcome):
+        answer = await ainvoke(replace(call, kind=RECONCILE_ACTION), saga, clock)
+        if answer.error is not None:
+            raise ReconcileError(saga.id, call.step.name, answer.error)
+        outcome = replace(outcome, took_effect=bool(answer.result))
+    return outcome
+
+
+def _record_breaker(breaker: Any, outcome: Outcome, clock: Clock) -> Outcome:
+    if breaker is None:
+        return outcome
+    now = clock.monotonic()
+    state = breaker.record_failure(now) if outcome.error else breaker.record_success(now)
+    return replace(outcome, breaker=state)
+
+
+def _must_reconcile(call: Call, outcome: Outcome) -> bool:
+    return (
+        call.kind == ACTION
+        and isinstance(outcome.error, StepTimeout)
+        and call.step.recovery == RECONCILE
+    )
+
+
+async def _cut_after(pending: Awaitable[Any], seconds: float) -> Any:
+    """Await `pending` for at most `seconds`: a coroutine is cancelled, a thread abandoned."""
+    try:
+        return await asyncio.wait_for(pending, seconds)
+    except TimeoutError:
+        raise _Cut from None
+
+
+def _call_in_thread(fn: Callable[[Any, str], Any], context: Any, key: str, seconds: float) -> Any:
+    """Call `fn` in a daemon thread; past `seconds`, give up on it and discard its result."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["result"] = fn(context, key)
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"saga_es step {key}", daemon=True).start()
+    if not done.wait(seconds):
+        raise _Cut
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -266,19 +567,48 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
-# -- the two drivers: the saga's latest events are saved; `first` may be a reconcile ---
+# -- the drivers: the saga's latest events are saved; `first` holds reconciles ---------
+
+
+def _is_group(saga: Saga, calls: Sequence[Call]) -> bool:
+    return bool(calls) and calls[0].kind == ACTION and len(saga.group_of(calls[0].step.name)) > 1
 
 
 def run(
-    saga: Saga, definition: SagaDefinition, save: Save, check: Check, first: Call | None = None
+    saga: Saga,
+    definition: SagaDefinition,
+    save: Save,
+    check: Check,
+    first: Sequence[Call] = (),
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Saga:
-    """Drive `saga` to the end, blocking."""
-    call = first or next_call(saga, definition)
-    while call is not None:
-        settle(saga, definition, call, invoke(call, saga), check)
+    """Drive `saga` to the end, blocking; a parallel group runs on an event loop."""
+    for call in first:
+        settle(saga, definition, call, invoke(call, saga, clock), check, clock.now())
+    if first:
         save(saga)
-        call = next_call(saga, definition)
-    return saga
+    while True:
+        calls = next_calls(saga, definition)
+        if _is_group(saga, calls):
+
+            async def asave(saga: Saga) -> Sequence[Saga.Event]:
+                return await asyncio.to_thread(save, saga)
+
+            _run_coroutine(_drain(_group(saga, definition, asave, check, clock, calls)))
+            continue
+        if not calls:
+            if saga.retrying and saga.status in (RUNNING, COMPENSATING):
+                _restart(saga, clock.now())
+                save(saga)
+                continue
+            return saga
+        call = calls[0]
+        delay = settle(saga, definition, call, invoke(call, saga, clock), check, clock.now())
+        save(saga)
+        if delay is not None:
+            clock.sleep(delay)
+            _restart(saga, clock.now())
+            save(saga)
 
 
 async def arun(
@@ -286,11 +616,132 @@ async def arun(
     definition: SagaDefinition,
     save: AsyncSave,
     check: Check,
-    first: Call | None = None,
+    first: Sequence[Call] = (),
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Sequence[Saga.Event]]:
     """Drive `saga` to the end, yielding the events of each commit once it is durable."""
-    call = first or next_call(saga, definition)
-    while call is not None:
-        settle(saga, definition, call, await ainvoke(call, saga), check)
+    for call in first:
+        settle(saga, definition, call, await ainvoke(call, saga, clock), check, clock.now())
+    if first:
         yield await save(saga)
-        call = next_call(saga, definition)
+    while True:
+        calls = next_calls(saga, definition)
+        if _is_group(saga, calls):
+            async for events in _group(saga, definition, save, check, clock, calls):
+                yield events
+            continue
+        if not calls:
+            if saga.retrying and saga.status in (RUNNING, COMPENSATING):
+                _restart(saga, clock.now())
+                yield await save(saga)
+                continue
+            return
+        call = calls[0]
+        outcome = await ainvoke(call, saga, clock)
+        delay = settle(saga, definition, call, outcome, check, clock.now())
+        yield await save(saga)
+        if delay is not None:
+            await clock.asleep(delay)
+            _restart(saga, clock.now())
+            yield await save(saga)
+
+
+async def _drain(events: AsyncIterator[Any]) -> None:
+    async for _ in events:
+        pass
+
+
+_DONE = object()
+
+
+async def _group(
+    saga: Saga,
+    definition: SagaDefinition,
+    save: AsyncSave,
+    check: Check,
+    clock: Clock,
+    calls: Sequence[Call],
+) -> AsyncIterator[Sequence[Saga.Event]]:
+    """Run a parallel group's members concurrently, each settled and saved as it ends.
+
+    One lock orders the members' appends. When a member fails for good, the others are
+    cancelled; those that had already finished are settled with their own outcome, the
+    rest as cancelled (outcome unknown), all in the failing member's commit.
+    """
+    lock = asyncio.Lock()
+    commits: asyncio.Queue[Any] = asyncio.Queue()
+    finished: dict[str, tuple[Call, Outcome]] = {}
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def commit() -> None:
+        commits.put_nowait(await save(saga))
+
+    async def turn_back(failed: str) -> None:
+        others = [task for step, task in tasks.items() if step != failed]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        cause = f"step {failed!r} of its group failed"
+        for call in next_calls(saga, definition):
+            done = finished.get(call.step.name)
+            if done is not None and done[0] == call:
+                settle(saga, definition, call, done[1], check, clock.now())
+            elif call.step.recovery == RECONCILE:
+                answer = await ainvoke(replace(call, kind=RECONCILE_ACTION), saga, clock)
+                if answer.error is not None:
+                    raise ReconcileError(saga.id, call.step.name, answer.error)
+                error = StepCancelled(call.step.name, call.attempt, cause)
+                outcome = Outcome(error=error, took_effect=bool(answer.result))
+                settle(saga, definition, call, outcome, check, clock.now())
+            else:
+                cancelled(saga, call, cause)
+        if not saga.in_flight and not saga.compensating and saga.status == COMPENSATING:
+            _compensate_next(saga)
+
+    async def member(call: Call | None) -> None:
+        while call is not None:
+            name = call.step.name
+            outcome = await ainvoke(call, saga, clock)
+            finished[name] = (call, outcome)
+            async with lock:
+                if saga.status != RUNNING or saga.in_flight.get(name) != call.attempt:
+                    return
+                delay = settle(saga, definition, call, outcome, check, clock.now())
+                if saga.status == COMPENSATING and saga.in_flight:
+                    await turn_back(name)
+                await commit()
+            if delay is not None:
+                await clock.asleep(delay)
+                async with lock:
+                    if saga.status != RUNNING or name not in saga.retrying:
+                        return
+                    saga.start_step(name, saga.attempts[name] + 1)
+                    await commit()
+            attempt = saga.in_flight.get(name)
+            call = (
+                None
+                if attempt is None
+                else replace(call, attempt=attempt, fallback=name in saga.on_fallback)
+            )
+
+    async def all_members() -> None:
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for result in results:  # members cancelled by `turn_back` are no error
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                commits.put_nowait(result)
+        commits.put_nowait(_DONE)
+
+    for call in calls:
+        tasks[call.step.name] = asyncio.create_task(member(call))
+    watcher = asyncio.create_task(all_members())
+    try:
+        while (item := await commits.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        watcher.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks.values(), watcher, return_exceptions=True)

@@ -71,6 +71,8 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
         "reconcile_compensation",
         "compensate_saga",
         "halt_saga",
+        "time_out_saga",
+        "resolve_saga",
     }
     assert not [t for t in TRIGGERS if t.startswith("to_")]
 
@@ -82,7 +84,14 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
         (m.PENDING, {"start_step"}),
         (
             m.RUNNING,
-            {"start_step", "complete_step", "fail_step", "reconcile_step", "complete_saga"},
+            {
+                "start_step",
+                "complete_step",
+                "fail_step",
+                "reconcile_step",
+                "complete_saga",
+                "time_out_saga",
+            },
         ),
         (
             m.COMPENSATING,
@@ -93,11 +102,14 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
                 "reconcile_compensation",
                 "compensate_saga",
                 "halt_saga",
+                "complete_step",
+                "fail_step",
+                "reconcile_step",
             },
         ),
         (m.COMPLETED, set()),
         (m.COMPENSATED, set()),
-        (m.STUCK, set()),
+        (m.STUCK, {"resolve_saga"}),
     ],
 )
 def test_legal_triggers_by_state(state: str, triggers: set[str]) -> None:
@@ -123,6 +135,8 @@ def test_every_saga_event_class_is_one_trigger_and_has_a_stable_topic() -> None:
         Saga.SagaCompleted,
         Saga.SagaCompensated,
         Saga.SagaStuck,
+        Saga.SagaTimedOut,
+        Saga.SagaResolved,
     ]
     assert sorted(c.trigger for c in classes) == sorted(TRIGGERS)
     for cls in classes:

@@ -506,7 +506,7 @@ def test_resuming_a_pending_saga_starts_its_first_step() -> None:
     definition = resumable()
     saga = saved(definition)
     assert saga.status == "pending"
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == [("StepStarted", "a", 1)]
 
 
@@ -514,7 +514,7 @@ def test_resuming_a_step_in_flight_with_retry_starts_its_next_attempt_with_the_s
     definition = resumable(recovery="retry")
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
     first = saga_runner.next_call(saga, definition)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == [("StepStarted", "b", 2)]
     call = saga_runner.next_call(saga, definition)
     assert call is not None
@@ -533,7 +533,7 @@ def test_retry_is_the_default_recovery() -> None:
 def test_resuming_with_fail_records_an_unknown_outcome_and_compensates_what_came_before() -> None:
     definition = resumable(recovery="fail")
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == [
         ("StepFailed", "b", 1, "OutcomeUnknown", False, False),
         ("CompensationStarted", "a", 1),
@@ -555,7 +555,7 @@ def test_resuming_with_fail_on_the_first_step_ends_the_saga_compensated() -> Non
 def test_resuming_with_compensate_undoes_the_steps_own_effect_first() -> None:
     definition = resumable(recovery="compensate")
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == [
         ("StepFailed", "b", 1, "OutcomeUnknown", False, True),
         ("CompensationStarted", "b", 1),
@@ -567,7 +567,7 @@ def test_resuming_with_reconcile_appends_nothing_and_returns_the_reconcile_call(
     definition = resumable(reconcile=lambda context, key: True)
     assert definition.step("b").recovery == "reconcile"
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
-    call = saga_runner.resume(saga, definition)
+    [call] = saga_runner.resume(saga, definition)
     assert saga.pending_events == []
     assert call is not None
     assert (call.step.name, call.kind, call.attempt, call.key) == (
@@ -608,7 +608,7 @@ def test_resuming_with_nothing_in_flight_goes_on_forward(
 ) -> None:
     definition = resumable(recovery="fail")  # no policy applies: nothing is in doubt
     saga = saved(definition, *moves)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == expected
 
 
@@ -616,7 +616,7 @@ def test_resuming_a_compensation_in_flight_with_retry_starts_its_next_attempt() 
     definition = resumable()
     assert definition.step("b").compensation_recovery == "retry"
     saga = saved(definition, *B_UNDO_IN_FLIGHT)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == [("CompensationStarted", "b", 2)]
     call = saga_runner.next_call(saga, definition)
     assert call is not None
@@ -626,7 +626,7 @@ def test_resuming_a_compensation_in_flight_with_retry_starts_its_next_attempt() 
 def test_resuming_a_compensation_in_flight_with_fail_leaves_the_saga_stuck() -> None:
     definition = resumable(compensation_recovery="fail")
     saga = saved(definition, *B_UNDO_IN_FLIGHT)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == [
         ("CompensationFailed", "b", 1, "OutcomeUnknown", False),
         ("SagaStuck", "b", None),
@@ -639,7 +639,7 @@ def test_resuming_a_compensation_in_flight_with_reconcile_returns_the_call() -> 
     definition = resumable(reconcile_compensation=lambda context, key: False)
     assert definition.step("b").compensation_recovery == "reconcile"
     saga = saved(definition, *B_UNDO_IN_FLIGHT)
-    call = saga_runner.resume(saga, definition)
+    [call] = saga_runner.resume(saga, definition)
     assert saga.pending_events == []
     assert call is not None
     assert (call.step.name, call.kind, call.attempt) == ("b", "reconcile_compensation", 1)
@@ -680,7 +680,7 @@ def test_resuming_with_no_compensation_in_flight_goes_on_backward(
 ) -> None:
     definition = resumable(compensation_recovery="fail")  # nothing is in doubt
     saga = saved(definition, *moves)
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert appended(saga) == expected
 
 
@@ -712,7 +712,7 @@ def test_resuming_a_saga_that_has_ended_appends_nothing(end: str) -> None:
     }
     saga = saved(definition, *tails[end])
     assert saga.status == end
-    assert saga_runner.resume(saga, definition) is None
+    assert saga_runner.resume(saga, definition) == []
     assert saga.pending_events == []
 
 
@@ -740,7 +740,7 @@ def no_check(state: Any, result: Any) -> None:
 def test_a_reconcile_that_says_it_took_effect_completes_the_attempt_with_its_changes() -> None:
     definition = resumable(reconcile=lambda context, key: True)
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
-    call = saga_runner.resume(saga, definition)
+    [call] = saga_runner.resume(saga, definition)
     assert call is not None
     saga_runner.settle(saga, definition, call, reconcile_outcome(saga, True), no_check)
     assert appended(saga) == [
@@ -757,7 +757,7 @@ def test_a_reconcile_that_says_it_took_effect_completes_the_attempt_with_its_cha
 def test_a_reconcile_that_says_no_effect_starts_the_next_attempt_and_keeps_no_changes() -> None:
     definition = resumable(reconcile=lambda context, key: False)
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
-    call = saga_runner.resume(saga, definition)
+    [call] = saga_runner.resume(saga, definition)
     assert call is not None
     saga_runner.settle(saga, definition, call, reconcile_outcome(saga, False), no_check)
     assert appended(saga) == [("StepReconciled", "b", 1), ("StepStarted", "b", 2)]
@@ -772,7 +772,7 @@ def test_a_compensation_reconcile_either_way() -> None:
     ]:
         definition = resumable(reconcile_compensation=noop)
         saga = saved(definition, *B_UNDO_IN_FLIGHT)
-        call = saga_runner.resume(saga, definition)
+        [call] = saga_runner.resume(saga, definition)
         assert call is not None
         outcome = reconcile_outcome(saga, took_effect)
         saga_runner.settle(saga, definition, call, outcome, no_check)
@@ -782,7 +782,7 @@ def test_a_compensation_reconcile_either_way() -> None:
 def test_a_reconcile_that_raises_appends_nothing() -> None:
     definition = resumable(reconcile=lambda context, key: True)
     saga = saved(definition, *A_DONE_B_IN_FLIGHT)
-    call = saga_runner.resume(saga, definition)
+    [call] = saga_runner.resume(saga, definition)
     assert call is not None
     boom = ConnectionError("supplier unreachable")
     with pytest.raises(saga_runner.ReconcileError) as caught:
