@@ -121,9 +121,13 @@ def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> No
     console.print(f"  context: {saga.context_state}")
 
 
-@cli.command()
-@_db_option
-@click.option(
+def _non_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must not be empty")
+    return value
+
+
+_definitions_option = click.option(
     "--definitions",
     "modules",
     multiple=True,
@@ -132,6 +136,11 @@ def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> No
     help="Where the saga definitions live: every SagaDefinition in MODULE, or MODULE:NAME "
     "(a definition or a list of them). Repeatable.",
 )
+
+
+@cli.command()
+@_db_option
+@_definitions_option
 def recover(db: str | None, modules: tuple[str, ...]) -> None:
     """Resume every interrupted saga: forward if running, backward if compensating."""
     definitions = [d for spec in modules for d in _load_definitions(spec)]
@@ -150,6 +159,37 @@ def recover(db: str | None, modules: tuple[str, ...]) -> None:
     for saga_id, reason in report.failed.items():
         console.print(f"  [red]{saga_id}[/red]: {reason}", highlight=False)
     if report.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("saga_id")
+@click.option(
+    "--action",
+    type=click.Choice(["retry", "mark-compensated"]),
+    required=True,
+    help="retry: run the failed compensation again; mark-compensated: you undid it by hand.",
+)
+@click.option(
+    "--by", required=True, callback=_non_empty, help="Who resolves it (recorded in the stream)."
+)
+@click.option(
+    "--reason", required=True, callback=_non_empty, help="Why (recorded in the saga's stream)."
+)
+@_db_option
+@_definitions_option
+def resolve(
+    saga_id: str, action: str, by: str, reason: str, db: str | None, modules: tuple[str, ...]
+) -> None:
+    """Finish a stuck saga by hand; who and why are recorded, then compensation goes on."""
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    with _app(db) as app:
+        app.register(*definitions)
+        saga = app.resolve(saga_id, action, by=by, reason=reason)
+        events = app.history(saga.id)
+    console = _console()
+    console.print(render(saga, events))
+    if saga.status != "compensated":
         sys.exit(1)
 
 

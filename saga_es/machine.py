@@ -125,6 +125,11 @@ def _step_may_start(ev: Any) -> bool:
     completed = saga.completed
     if len(completed) >= len(saga.steps):
         return _refuse(probe, "every step has completed")
+    if not saga.in_flight and not getattr(saga, "groups", None):  # the usual case: in order
+        expected = saga.steps[len(completed)]
+        if step != expected:
+            return _refuse(probe, f"the next step is {expected!r}, not {step!r}")
+        return _may_start(probe, "step", step, attempt, {}, saga.attempts.get(step, 0))
     if len(completed) == 0 or saga.steps[len(completed) - 1] in completed:
         expected = saga.steps[len(completed)]  # the usual case: steps complete in order
     else:

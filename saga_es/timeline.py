@@ -44,10 +44,18 @@ def timeline(events: Sequence[Saga.Event]) -> list[TimelineRow]:
             state = dict(event.context)
             detail = ", ".join(f"{k}={_short(v)}" for k, v in state.items())
         elif "error_type" in data:
-            detail = f"{data['error_type']}: {data['error_message']}"
+            detail = f"{data['error_type']}: {data['error_message']}{_policy(data)}"
         elif "changes" in data:
             detail = _changes(state, data["changes"], data["removed"])
             state = apply_diff(state, data["changes"], data["removed"])
+        elif isinstance(event, Saga.SagaResolved):
+            detail = f"{event.action} by {event.by}: {event.reason}"
+        elif isinstance(event, Saga.SagaTimedOut):
+            detail = f"deadline {event.deadline.isoformat()} passed"
+        elif data.get("fallback"):
+            detail = "fallback"
+        elif "took_effect" in data:
+            detail = "took effect" if data["took_effect"] else "took no effect"
         else:
             detail = ""
         rows.append(
@@ -69,6 +77,8 @@ _STYLE = {
     "StepFailed": "bold red",
     "CompensationFailed": "bold red",
     "SagaStuck": "bold red",
+    "SagaTimedOut": "bold red",
+    "SagaResolved": "bold cyan",
     "CompensationStarted": "yellow",
     "CompensationRan": "yellow",
     "SagaCompensated": "bold yellow",
@@ -114,6 +124,19 @@ def _changes(before: State, changes: dict[str, Any], removed: list[str]) -> str:
     parts = [f"{k}: {_short(before.get(k))} → {_short(v)}" for k, v in changes.items()]
     parts += [f"{k}: removed" for k in removed]
     return "; ".join(parts)
+
+
+def _policy(data: dict[str, Any]) -> str:
+    """What the failure led to: a retry after a wait, the breaker's state, a self-undo."""
+    notes = []
+    if data.get("will_retry"):
+        delay = data.get("delay") or 0.0
+        notes.append(f"retry in {delay:.3g}s" if delay else "retry")
+    if data.get("breaker"):
+        notes.append(f"breaker {data['breaker']}")
+    if data.get("compensate"):
+        notes.append("its own effect is undone")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _short(value: Any, limit: int = 40) -> str:

@@ -190,3 +190,73 @@ def test_verify_and_recover_from_the_command_line(tmp_path: Path) -> None:
     bad = runner.invoke(cli, ["recover", "--db", str(db), "--definitions", "no.such.module"])
     assert bad.exit_code == 2
     assert "--definitions" in bad.output
+
+
+REFUNDS = """
+from pathlib import Path
+
+from saga_es import SagaDefinition, Step
+
+FLAG = Path(__file__).with_name("refunds-work")
+
+
+def charge(context, key):
+    context["charged"] = True
+
+
+def refund(context, key):
+    if not FLAG.exists():
+        raise ConnectionError("refund service down")
+    context["charged"] = False
+
+
+def ship(context, key):
+    raise RuntimeError("no courier")
+
+
+ORDER = SagaDefinition("order", [Step("charge", charge, refund), Step("ship", ship)])
+"""
+
+
+def test_resolve_finishes_a_stuck_saga_and_records_who_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "refunds.py").write_text(REFUNDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import refunds  # type: ignore[import-not-found]
+
+    db = tmp_path / "orders.db"
+    with SagaApplication(env=_sqlite(db)) as app:
+        stuck = [app.run(refunds.ORDER, {}).id for _ in range(2)]
+        assert [app.get(s).status for s in stuck] == ["stuck", "stuck"]
+    runner = CliRunner()
+    args = ["--db", str(db), "--definitions", "refunds", "--by", "ada", "--reason", "refund api"]
+
+    again = runner.invoke(cli, ["resolve", str(stuck[0]), "--action", "retry", *args])
+    assert again.exit_code == 1, again.output  # the refund failed again: still stuck
+    assert "SagaResolved" in again.output
+    assert "retry by ada: refund api" in again.output
+
+    (tmp_path / "refunds-work").touch()
+    retried = runner.invoke(cli, ["resolve", str(stuck[0]), "--action", "retry", *args])
+    assert retried.exit_code == 0, retried.output
+    marked = runner.invoke(cli, ["resolve", str(stuck[1]), "--action", "mark-compensated", *args])
+    assert marked.exit_code == 0, marked.output
+
+    with SagaApplication(env=_sqlite(db)) as app:
+        first, second = (app.get(s) for s in stuck)
+        assert (first.status, first.context_state) == ("compensated", {"charged": False})
+        assert (second.status, second.context_state) == ("compensated", {"charged": True})
+        resolved = [e for e in app.history(second.id) if type(e).__name__ == "SagaResolved"]
+        assert [(e.action, e.by, e.reason) for e in resolved] == [
+            ("mark-compensated", "ada", "refund api")
+        ]
+        assert app.verify() == []
+
+    not_stuck = runner.invoke(cli, ["resolve", str(stuck[1]), "--action", "retry", *args])
+    assert not_stuck.exit_code == 1
+    assert "is compensated; cannot resolve_saga" in not_stuck.output
+    blank = ["--db", str(db), "--definitions", "refunds", "--by", " ", "--reason", "x"]
+    empty_by = runner.invoke(cli, ["resolve", str(stuck[1]), "--action", "retry", *blank])
+    assert empty_by.exit_code == 2
+    assert "--by" in empty_by.output

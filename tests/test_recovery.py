@@ -25,6 +25,7 @@ from eventsourcing.persistence import StoredEvent
 from saga_es import (
     ConfigurationError,
     DefinitionError,
+    Parallel,
     Saga,
     SagaApplication,
     SagaDefinition,
@@ -1358,3 +1359,54 @@ def test_policy_defaults() -> None:
     told = Step("a", noop, noop, recovery="fail", reconcile=noop, compensation_recovery="fail")
     assert (told.recovery, told.compensation_recovery) == ("fail", "fail")
     assert SagaDefinition("d", [Step("a", noop, noop), Step("b", noop)]).compensable == ["a"]
+
+
+# -- parallel groups: members in flight when the worker died ------------------------------
+
+
+def grouped(shop: Shop, **policies: Any) -> SagaDefinition:
+    """a, then b and c in parallel, then d; `policies[step]` are that step's kwargs."""
+
+    def step(name: str) -> Step:
+        return Step(name, shop.action(name), shop.compensation(name), **policies.get(name, {}))
+
+    return SagaDefinition("grouped", [step("a"), Parallel(step("b"), step("c")), step("d")])
+
+
+def test_recovery_re_runs_every_member_in_flight_and_the_saga_goes_on(
+    app: SagaApplication, shop: Shop
+) -> None:
+    shop.die = {("do", "b"), ("do", "c")}
+    saga_id = crash(app, grouped(shop), "both")
+    assert set(app.get(saga_id).in_flight) == {"b", "c"}
+
+    only(app.recover(), saga_id, "resumed")
+    saga = app.get(saga_id)
+    assert saga.status == "completed"
+    assert saga.attempts == {"a": 1, "b": 2, "c": 2, "d": 1}
+    assert shop.keys("do", "b") == [f"{saga_id}:b"] * 2
+    assert saga.context_state == {"a": "done", "b": "done", "c": "done", "d": "done"}
+    assert app.verify() == []
+
+
+def test_a_member_whose_policy_is_fail_turns_the_whole_group_back(
+    app: SagaApplication, shop: Shop
+) -> None:
+    shop.die = {("do", "b"), ("do", "c")}
+    saga_id = crash(app, grouped(shop, c={"recovery": "fail"}), "fail")
+
+    only(app.recover(), saga_id, "resumed")
+    rows = moves(app, saga_id)[5:]
+    assert rows[:2] == [
+        ("StepFailed", "b", 1, "OutcomeUnknown", False, True),  # retry policy: may have run
+        ("StepFailed", "c", 1, "OutcomeUnknown", False, False),  # fail: took no effect
+    ]
+    assert [r[:2] for r in rows[2:]] == [
+        ("CompensationStarted", "b"),
+        ("CompensationRan", "b"),
+        ("CompensationStarted", "a"),
+        ("CompensationRan", "a"),
+        ("SagaCompensated",),
+    ]
+    assert app.get(saga_id).status == "compensated"
+    assert app.verify() == []
