@@ -33,12 +33,12 @@ class Saga(Aggregate):
         to_state: str
 
         def apply(self, aggregate: Any) -> None:
-            """Assign the new state; subclasses add their data in `evolve`."""
+            """Let subclasses add their data in `evolve` (seeing the state before), then move."""
+            self.evolve(aggregate)
             aggregate.status = self.to_state
             step = self.__dict__.get("step")
             if step is not None:
                 aggregate.step = step
-            self.evolve(aggregate)
 
         def evolve(self, saga: Saga) -> None:
             """Change the saga's data; nothing else (it runs on replay too)."""
@@ -142,6 +142,8 @@ class Saga(Aggregate):
                 saga.retrying.clear()
             if self.compensate:
                 saga.to_compensate.insert(0, self.step)
+            if saga.status == machine.COMPENSATING:
+                return  # a parallel member settled after the failure that turned the saga back
             saga.error = {
                 "step": self.step,
                 "type": self.error_type,
@@ -237,6 +239,10 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:SagaCompleted"
         trigger = "complete_saga"
+
+        def evolve(self, saga: Saga) -> None:
+            """A completed saga has no error: its retried failures stay in its history."""
+            saga.error = None
 
     class SagaCompensated(Event):
         """A step failed and every completed step has been compensated."""

@@ -32,10 +32,12 @@ from eventsourcing.persistence import (
 from eventsourcing.popo import POPOFactory
 from eventsourcing.utils import EnvType, TopicError, resolve_topic
 
-from saga_es import recovery, runner
+from saga_es import compat, recovery, runner
 from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
 from saga_es.clock import SYSTEM_CLOCK, Clock
+from saga_es.compat import CheckReport
 from saga_es.context import State, to_state, topic_of
+from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
     ConfigurationError,
@@ -496,6 +498,36 @@ class SagaApplication(Application[UUID]):
         except IntegrityError:
             return self._taken_over(saga)
         return saga
+
+    def rerun_step(
+        self,
+        saga_id: UUID | str,
+        step: str,
+        version: int | None = None,
+        *,
+        compensation: bool = False,
+    ) -> RerunResult:
+        """Call one step's action (or compensation) with its recorded context; append nothing.
+
+        The context is the one the step's latest attempt started with, or the saga's as of
+        `version`. The result says what the call returned or raised and what it changed.
+        """
+        return rerun_step(self, saga_id, step, version, compensation=compensation)
+
+    def check(
+        self,
+        definition: SagaDefinition,
+        *,
+        recent: timedelta | None = timedelta(days=1),
+        limit: int | None = None,
+    ) -> CheckReport:
+        """Replay the sagas in flight (and those ended within `recent`) against `definition`.
+
+        The report says, per saga, where the stored stream and the definition diverge (a
+        step renamed, removed or reordered, a version mismatch, a compensation gone) and
+        whether that would stop this code recovering it: run it before a deploy.
+        """
+        return compat.check(self, definition, recent=recent, limit=limit)
 
     def verify(self) -> list[StreamProblem]:
         """Replay every stored stream through the state machine; what it would refuse."""

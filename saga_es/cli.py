@@ -12,7 +12,9 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import click
 from rich.console import Console
@@ -23,6 +25,7 @@ from saga_es.application import SagaApplication
 from saga_es.bench import bench_command
 from saga_es.definition import SagaDefinition
 from saga_es.errors import SagaError
+from saga_es.machine import STATES
 from saga_es.timeline import render, timeline
 
 DEFAULT_DB = "saga_es.db"
@@ -75,28 +78,67 @@ def demo(db: str | None) -> None:
 
 @cli.command("list")
 @_db_option
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(list(STATES[1:])),
+    help="Only sagas in this state. Repeatable.",
+)
+@click.option("--name", default=None, help="Only sagas of this definition name.")
+@click.option("--key", default=None, help="Only the saga started under this business key.")
+@click.option(
+    "--since", type=click.DateTime(), default=None, help="Only sagas started at or after this."
+)
+@click.option(
+    "--until", type=click.DateTime(), default=None, help="Only sagas started before this."
+)
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--after", default=None, metavar="ID", help="The page after this saga id.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def list_(db: str | None, as_json: bool) -> None:
-    """List the stored sagas, oldest first."""
+def list_(
+    db: str | None,
+    statuses: tuple[str, ...],
+    name: str | None,
+    key: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+) -> None:
+    """List sagas, oldest first, from the status projection (no replay); filter and page."""
     with _app(db) as app:
-        rows = [
-            {
-                "id": str(saga.id),
-                "name": saga.name,
-                "version": saga.definition_version,
-                "key": saga.key,
-                "status": saga.status,
-                "steps": f"{len(saga.completed)}/{len(saga.steps)}",
-                "started": saga.created_on.isoformat(timespec="seconds"),
-            }
-            for saga in app.sagas()
-        ]
+        found = app.statuses(
+            status=statuses,
+            name=name,
+            key=key,
+            started_after=since,
+            started_before=until,
+            after=None if after is None else UUID(after),
+            limit=limit,
+        )
+    rows = [
+        {
+            "id": str(row.saga_id),
+            "name": row.name,
+            "version": row.definition_version,
+            "key": row.key,
+            "status": row.status,
+            "step": row.step,
+            "events": row.version,
+            "started": row.started_at.isoformat(timespec="seconds"),
+            "updated": row.updated_at.isoformat(timespec="seconds"),
+        }
+        for row in found
+    ]
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
         return
-    table = Table(title=f"{len(rows)} saga(s)", title_justify="left")
-    for column in ("id", "name", "version", "key", "status", "steps", "started"):
+    more = f"; next page: --after {rows[-1]['id']}" if len(rows) == limit else ""
+    table = Table(title=f"{len(rows)} saga(s){more}", title_justify="left")
+    for column in rows[0] if rows else ("id",):
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c]) if row[c] is not None else "" for c in row))

@@ -7,6 +7,7 @@
     ├── SagaNotFound (KeyError)          no saga has that id
     ├── DefinitionNotFound (KeyError)    no definition is registered under that name and version
     ├── VersionNotFound (KeyError)       the saga has no event at that version
+    ├── StepNotReached (KeyError)        the saga never started that step (or its compensation)
     ├── UnreadableEvent (ValueError)     a stored event cannot be decoded (unknown type, corrupt)
     ├── IllegalTransition                the state machine refused a move
     ├── StepTimeout (TimeoutError)       an attempt outlived its timeout or the saga's deadline
@@ -83,6 +84,17 @@ class VersionNotFound(SagaError, KeyError):
     def __init__(self, saga_id: UUID, version: int, last: int) -> None:
         super().__init__(f"saga {saga_id} has versions 1..{last}; there is no version {version}")
         self.saga_id, self.version, self.last = saga_id, version, last
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StepNotReached(SagaError, KeyError):
+    """Raised when asking to re-run a step the saga never started (or never compensated)."""
+
+    def __init__(self, saga_id: UUID, step: str, what: str = "step") -> None:
+        super().__init__(f"saga {saga_id} never started {what} {step!r}")
+        self.saga_id, self.step = saga_id, step
 
     def __str__(self) -> str:
         return str(self.args[0])

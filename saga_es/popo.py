@@ -46,6 +46,15 @@ class POPOSagaRecorder(POPOApplicationRecorder):
             rows = [row for row in rows if _order(row) > _order(start)]
         return [row for row in rows if query.matches(row)][: query.limit]
 
+    def select_positions(self, saga_id: UUID) -> dict[int, int]:
+        """Each of the saga's versions, with its position in the notification log."""
+        with self._database_lock:
+            return {
+                event.originator_version: i
+                for i, event in enumerate(self._stored_events, 1)
+                if event.originator_id == saga_id
+            }
+
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""
         with self._database_lock:

@@ -214,6 +214,16 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             curs.execute(statement.encode(), [*params, query.limit])
             return [_status(row) for row in curs.fetchall()]
 
+    def select_positions(self, saga_id: UUID) -> dict[int, int]:
+        """Each of the saga's versions, with its position in the notification log."""
+        statement = SQL(
+            "SELECT originator_version, notification_id FROM {schema}.{table} "
+            "WHERE originator_id = %s"
+        ).format(**self._status)
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(statement, [self._saga_id(saga_id)])
+            return {row["originator_version"]: row["notification_id"] for row in curs.fetchall()}
+
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""
         statement = SQL(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +26,14 @@ from saga_es.breaker import OPEN
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.context import State, diff, from_state, to_state
 from saga_es.definition import COMPENSATE, FAIL, RECONCILE, RETRY, SagaDefinition, Step, _is_async
-from saga_es.errors import CircuitOpen, ContextError, SagaError, StepCancelled, StepTimeout
+from saga_es.errors import (
+    CircuitOpen,
+    ContextError,
+    DefinitionError,
+    SagaError,
+    StepCancelled,
+    StepTimeout,
+)
 from saga_es.machine import COMPENSATING, PENDING, RUNNING
 
 Save = Callable[[Saga], Sequence[Saga.Event]]
@@ -78,7 +86,9 @@ class Call:
             fn = step.reconcile
         else:
             fn = step.reconcile_compensation
-        assert fn is not None
+        if fn is None:  # the definition changed under a stored saga
+            what = f"fallback {self.kind}" if self.fallback else self.kind
+            raise DefinitionError(f"step {step.name!r} has no {what} in this definition")
         return fn
 
     @property
@@ -219,7 +229,7 @@ def settle(
         outcome = Outcome(state=outcome.state, base=outcome.base)  # record it as the call's own
     elif outcome.took_effect:  # a timed-out action that its reconcile says took effect
         saga.reconcile_step(step, attempt, took_effect=True)
-        outcome = Outcome(state=saga.context_state)
+        outcome = Outcome(state=outcome.state, base=outcome.base)  # what reconcile found
     changes: State = {}
     removed: list[str] = []
     error = outcome.error
@@ -314,7 +324,7 @@ def _fail_action(
         and not call.fallback
         and not unknown
         and not past_deadline
-        and isinstance(error, step.fallback_on)
+        and isinstance(error, (CircuitOpen, step.fallback_on))
         and not isinstance(error, ContextError)
     ):
         saga.fail_step(name, attempt, **fields, will_retry=True, **_breaker(outcome))
@@ -492,7 +502,9 @@ def invoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
         answer = invoke(reconcile, saga, clock)
         if answer.error is not None:
             raise ReconcileError(saga.id, call.step.name, answer.error)
-        outcome = replace(outcome, took_effect=bool(answer.result))
+        outcome = replace(
+            outcome, took_effect=bool(answer.result), state=answer.state, base=answer.base
+        )
     return outcome
 
 
@@ -510,7 +522,7 @@ async def ainvoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcom
         if call.is_async:
             pending = call.fn(context, call.key)
         else:
-            pending = asyncio.to_thread(call.fn, context, call.key)
+            pending = _in_daemon_thread(call.fn, context, call.key)
         result = await (pending if limit is None else _cut_after(pending, limit))
         outcome = Outcome(state=to_state(context), base=base, result=result)
     except _Cut:
@@ -524,7 +536,9 @@ async def ainvoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcom
         answer = await ainvoke(replace(call, kind=RECONCILE_ACTION), saga, clock)
         if answer.error is not None:
             raise ReconcileError(saga.id, call.step.name, answer.error)
-        outcome = replace(outcome, took_effect=bool(answer.result))
+        outcome = replace(
+            outcome, took_effect=bool(answer.result), state=answer.state, base=answer.base
+        )
     return outcome
 
 
@@ -550,6 +564,36 @@ async def _cut_after(pending: Awaitable[Any], seconds: float) -> Any:
         return await asyncio.wait_for(pending, seconds)
     except TimeoutError:
         raise _Cut from None
+
+
+async def _in_daemon_thread(fn: Callable[[Any, str], Any], context: Any, key: str) -> Any:
+    """`asyncio.to_thread`, but on a daemon thread of its own.
+
+    A call cut by a timeout or a sibling's failure is abandoned, not joined: the
+    default executor would make `asyncio.run` wait for it at shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    run_in_context = contextvars.copy_context().run
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def target() -> None:
+        try:
+            result, error = run_in_context(fn, context, key), None
+        except BaseException as e:
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=target, name=f"saga_es step {key}", daemon=True).start()
+    return await future
 
 
 def _call_in_thread(fn: Callable[[Any, str], Any], context: Any, key: str, seconds: float) -> Any:
@@ -619,8 +663,9 @@ def run(
                 continue
             return saga
         call = calls[0]
-        now = None if saga.deadline is None else clock.now()
-        delay = settle(saga, definition, call, invoke(call, saga, clock), check, now)
+        outcome = invoke(call, saga, clock)
+        now = None if saga.deadline is None else clock.now()  # after the call: it took time
+        delay = settle(saga, definition, call, outcome, check, now)
         save(saga)
         if delay is not None:
             clock.sleep(delay)

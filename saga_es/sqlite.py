@@ -163,6 +163,15 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             c.execute(statement, [*params, query.limit])
             return [_status(row) for row in c.fetchall()]
 
+    def select_positions(self, saga_id: UUID) -> dict[int, int]:
+        """Each of the saga's versions, with its position in the notification log."""
+        statement = (
+            f"SELECT originator_version, rowid FROM {self.events_table_name} WHERE originator_id=?"
+        )
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(statement, [saga_id.hex])
+            return {row[0]: row[1] for row in c.fetchall()}
+
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""
         statement = (

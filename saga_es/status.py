@@ -109,6 +109,9 @@ class StatusRecorder(Protocol):
     def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
 
+    def select_positions(self, saga_id: UUID) -> dict[int, int]:
+        """Each of the saga's versions, with its position in the notification log."""
+
     def count_statuses(self) -> dict[tuple[str, str], int]:
         """Number of sagas per (definition name, status)."""
 

@@ -61,7 +61,21 @@ def test_list_and_show_read_back_the_file_in_a_later_process(tmp_path: Path) -> 
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [r["status"] for r in rows] == ["completed", "compensated"]
-    assert [r["steps"] for r in rows] == ["3/3", "2/3"]
+    assert [(r["step"], r["events"]) for r in rows] == [("book_hotel", 8), ("book_flight", 12)]
+
+    def ids(*filters: str) -> list[str]:
+        found = saga_es("list", "--db", str(db), "--json", *filters)
+        assert found.returncode == 0, found.stderr
+        return [json.loads(line)["id"] for line in found.stdout.splitlines()]
+
+    first, second = (r["id"] for r in rows)
+    assert ids("--status", "compensated") == [second]
+    assert ids("--status", "completed", "--status", "compensated") == [first, second]
+    assert ids("--name", "trip", "--limit", "1") == [first]
+    assert ids("--limit", "1", "--after", first) == [second]
+    assert ids("--name", "other") == []
+    assert ids("--since", "2000-01-01", "--until", "2000-01-02") == []
+    assert ids("--since", "2000-01-01") == [first, second]
 
     shown = saga_es("show", rows[1]["id"], "--db", str(db), "--json")
     assert shown.returncode == 0, shown.stderr
