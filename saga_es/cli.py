@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -246,6 +246,66 @@ def verify(db: str | None) -> None:
         click.echo(str(problem))
     click.echo(f"{checked} saga(s) checked, {len(problems)} rejected")
     if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("saga_id", required=False)
+@click.option("--machine", is_flag=True, help="Draw the state machine every saga follows.")
+@_db_option
+@_definitions_option
+def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[str, ...]) -> None:
+    """Print Mermaid text: a saga's path, the definitions, or the state machine."""
+    from saga_es.diagram import definition_diagram, machine_diagram, saga_path_diagram
+
+    if machine:
+        click.echo(machine_diagram())
+        return
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    if saga_id is None:
+        if not definitions:
+            raise click.UsageError("give a SAGA_ID, --definitions MODULE[:NAME], or --machine")
+        click.echo("\n\n".join(definition_diagram(d) for d in definitions))
+        return
+    with _app(db) as app:
+        app.register(*definitions)
+        saga = app.get(saga_id)
+        definition = app.definition(saga.name, saga.definition_version)
+        events = list(app.events.get(saga.id))
+    click.echo(saga_path_diagram(definition, events))  # type: ignore[arg-type]
+
+
+@cli.command()
+@_db_option
+@_definitions_option
+@click.option(
+    "--recent-hours",
+    type=click.FloatRange(0),
+    default=24.0,
+    show_default=True,
+    help="Also check sagas that ended this recently.",
+)
+def check(db: str | None, modules: tuple[str, ...], recent_hours: float) -> None:
+    """Replay stored sagas against these definitions, to tell whether this code recovers them."""
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    if not definitions:
+        raise click.UsageError("give the new code's definitions with --definitions MODULE")
+    newest: dict[str, SagaDefinition] = {}
+    for definition in definitions:
+        if definition.name not in newest or definition.version > newest[definition.name].version:
+            newest[definition.name] = definition
+    ok = True
+    with _app(db) as app:
+        app.register(*definitions)
+        stored = {name for name, _ in app.stats()}
+        for definition in newest.values():
+            if definition.name not in stored:
+                click.echo(f"check of {definition.name!r}: no stored saga of that name")
+                continue
+            report = app.check(definition, recent=timedelta(hours=recent_hours))
+            click.echo(str(report))
+            ok = ok and report.ok
+    if not ok:
         sys.exit(1)
 
 

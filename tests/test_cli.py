@@ -274,3 +274,72 @@ def test_resolve_finishes_a_stuck_saga_and_records_who_and_why(
     empty_by = runner.invoke(cli, ["resolve", str(stuck[1]), "--action", "retry", *blank])
     assert empty_by.exit_code == 2
     assert "--by" in empty_by.output
+
+
+def test_diagram_draws_a_sagas_path_its_definition_and_the_machine(tmp_path: Path) -> None:
+    from saga_es.machine import TRANSITIONS
+
+    db = tmp_path / "trips.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+    with SagaApplication(env=_sqlite(db)) as app:
+        ok, undone = (row.saga_id for row in app.statuses())
+
+    path = runner.invoke(
+        cli, ["diagram", str(undone), "--db", str(db), "--definitions", "saga_es.demo"]
+    )
+    assert path.exit_code == 0, path.output
+    assert path.output.startswith("flowchart LR")
+    assert '"book_hotel<br/>failed: NoRoomsAvailable, 1 attempt"' in path.output
+    assert '"book_flight<br/>compensated"' in path.output
+    done = runner.invoke(
+        cli, ["diagram", str(ok), "--db", str(db), "--definitions", "saga_es.demo"]
+    )
+    assert "compensated" not in done.output.split("classDef")[0]
+
+    drawn = runner.invoke(cli, ["diagram", "--definitions", "saga_es.demo"])
+    assert drawn.exit_code == 0, drawn.output
+    assert all(f'"{s}' in drawn.output for s in ("book_flight", "book_tickets", "book_hotel"))
+
+    machine = runner.invoke(cli, ["diagram", "--machine"])
+    assert machine.output.startswith("stateDiagram-v2")
+    assert machine.output.count(" : ") == sum(
+        len(t["source"]) if isinstance(t["source"], list) else 1 for t in TRANSITIONS
+    )
+
+    unknown = runner.invoke(cli, ["diagram", str(undone), "--db", str(db)])
+    assert unknown.exit_code == 1
+    assert "no saga definition 'trip' version 1" in unknown.output
+    nothing = runner.invoke(cli, ["diagram"])
+    assert nothing.exit_code == 2
+
+
+def test_check_reports_what_new_code_cannot_recover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from saga_es.demo import CUSTOMERS, TRIP
+
+    db = tmp_path / "trips.db"
+    with SagaApplication(env=_sqlite(db)) as app:
+        saga = app._start(TRIP, CUSTOMERS[0], None)  # its worker died in book_flight
+        assert app._save_start(saga)
+    (tmp_path / "renamed.py").write_text(
+        "from saga_es import SagaDefinition, Step\n"
+        "import saga_es.demo as demo\n"
+        "old = {s.name: s for s in demo.TRIP.steps}\n"
+        "TRIP2 = SagaDefinition('trip', [\n"
+        "    Step('reserve_flight', old['book_flight'].action, old['book_flight'].compensation),\n"
+        "    old['book_tickets'], old['book_hotel']])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+
+    same = runner.invoke(cli, ["check", "--db", str(db), "--definitions", "saga_es.demo"])
+    assert same.exit_code == 0, same.output
+    assert "1 saga(s) checked, 0 diverge (0 blocking)" in same.output
+
+    renamed = runner.invoke(cli, ["check", "--db", str(db), "--definitions", "renamed"])
+    assert renamed.exit_code == 1, renamed.output
+    assert f"saga {saga.id}" in renamed.output
+    assert "renamed book_flight" in renamed.output
+    assert "[blocking]" in renamed.output
