@@ -48,6 +48,7 @@ from saga_es.errors import (
     UnreadableEvent,
     VersionNotFound,
 )
+from saga_es.history import HistoryRecord, records
 from saga_es.popo import POPOSagaRecorder
 from saga_es.recovery import RecoveryReport
 from saga_es.settings import (
@@ -285,12 +286,12 @@ class SagaApplication(Application[UUID]):
     ) -> AsyncIterator[tuple[Sequence[Saga.Event], Saga]]:
         """Each commit's events, with the saga as stored (the last one is the result)."""
         if not saga.pending_events:  # started before, under the same key
-            yield await asyncio.to_thread(self.history, saga.id), saga
+            yield await asyncio.to_thread(self.saga_events, saga.id), saga
             return
         events: Sequence[Saga.Event] = list(saga.pending_events)  # type: ignore[arg-type]
         if not await asyncio.to_thread(self._save_start, saga):  # started meanwhile elsewhere
             stored = await asyncio.to_thread(self.get, saga.id)
-            yield await asyncio.to_thread(self.history, saga.id), stored
+            yield await asyncio.to_thread(self.saga_events, saga.id), stored
             return
         yield events, saga
         try:
@@ -453,8 +454,8 @@ class SagaApplication(Application[UUID]):
             raise VersionNotFound(saga_id, version, saga.version)
         return saga
 
-    def history(self, saga_id: UUID | str) -> list[Saga.Event]:
-        """Every event of the saga, in order."""
+    def saga_events(self, saga_id: UUID | str) -> list[Saga.Event]:
+        """Every domain event of the saga, in order (`history` is the audit view of them)."""
         saga_id = _as_uuid(saga_id)
         try:
             events: list[Saga.Event] = list(self.events.get(saga_id))  # type: ignore[arg-type]
@@ -463,6 +464,29 @@ class SagaApplication(Application[UUID]):
         if not events:
             raise SagaNotFound(saga_id)
         return events
+
+    def history(self, saga_id: UUID | str, *, strict: bool = True) -> list[HistoryRecord]:
+        """The saga's history as an auditor reads it: one typed record per event.
+
+        Each record has its position, version, time, event, step, attempt, state after,
+        error, and each context change as before → after. With `strict=False` an event
+        that cannot be decoded is a record marked `readable=False` and the rest still
+        reads; by default it raises `UnreadableEvent`.
+        """
+        saga_id = _as_uuid(saga_id)
+        stored = self.recorder.select_events(saga_id)
+        if not stored:
+            raise SagaNotFound(saga_id)
+        select_positions = getattr(self.recorder, "select_positions", None)
+        positions = select_positions(saga_id) if select_positions is not None else None
+        rows = records(stored, self.mapper.to_domain_event, positions)
+        if strict:
+            for row in rows:
+                if not row.readable:
+                    assert row.error is not None
+                    reason = f"{row.error.type}: {row.error.message}"
+                    raise UnreadableEvent(saga_id, row.version, row.event, reason)
+        return rows
 
     # -- recovery and audit (see saga_es.recovery) --------------------------------------
 

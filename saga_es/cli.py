@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -26,7 +27,7 @@ from saga_es.bench import bench_command
 from saga_es.definition import SagaDefinition
 from saga_es.errors import SagaError
 from saga_es.machine import STATES
-from saga_es.timeline import render, timeline
+from saga_es.timeline import render
 
 DEFAULT_DB = "saga_es.db"
 
@@ -66,7 +67,7 @@ def demo(db: str | None) -> None:
     with _app(db) as app:
         for booking in CUSTOMERS:
             saga = app.run(TRIP, booking)
-            console.print(render(saga, app.history(saga.id)))
+            console.print(render(saga, app.saga_events(saga.id)))
             outcome = (
                 "every booking made"
                 if saga.status == "completed"
@@ -149,15 +150,16 @@ def list_(
 @click.argument("saga_id")
 @_db_option
 @click.option("--at", "version", type=int, default=None, help="Show the saga as of event N.")
-@click.option("--json", "as_json", is_flag=True, help="Print the timeline as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the history records as JSON.")
 def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> None:
     """Show one saga's timeline, optionally as it was after event N."""
     with _app(db) as app:
         saga = app.get(saga_id, version=version)
-        events = app.history(saga.id)[: saga.version]
-    if as_json:
-        click.echo(json.dumps([_row_json(r) for r in timeline(events)], indent=2, default=str))
-        return
+        if as_json:
+            history = app.history(saga.id)[: saga.version]
+            click.echo(json.dumps([r.to_dict() for r in history], indent=2, default=str))
+            return
+        events = app.saga_events(saga.id)[: saga.version]
     console = _console()
     console.print(render(saga, events))
     console.print(f"  context: {saga.context_state}")
@@ -228,7 +230,7 @@ def resolve(
     with _app(db) as app:
         app.register(*definitions)
         saga = app.resolve(saga_id, action, by=by, reason=reason)
-        events = app.history(saga.id)
+        events = app.saga_events(saga.id)
     console = _console()
     console.print(render(saga, events))
     if saga.status != "compensated":
@@ -273,6 +275,39 @@ def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[s
         definition = app.definition(saga.name, saga.definition_version)
         events = list(app.events.get(saga.id))
     click.echo(saga_path_diagram(definition, events))  # type: ignore[arg-type]
+
+
+@cli.command()
+@click.argument("saga_id")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "html"]),
+    default="json",
+    show_default=True,
+    help="JSON (schema saga_es.export/1) or a self-contained HTML report.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE, not stdout.")
+@_db_option
+@_definitions_option
+def export(
+    saga_id: str, fmt: str, output: str | None, db: str | None, modules: tuple[str, ...]
+) -> None:
+    """Export one saga's history: JSON, or an HTML report with its timeline and path."""
+    from saga_es.export import export_html, export_json
+
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    with _app(db) as app:
+        app.register(*definitions)
+        if fmt == "json":
+            text = json.dumps(export_json(app, saga_id), indent=2)
+        else:
+            text = export_html(app, saga_id)
+    if output is None:
+        click.echo(text)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
 
 
 @cli.command()
@@ -329,10 +364,6 @@ def _console() -> Console:
     """The terminal's width, or 120 columns when output goes to a file or a pipe."""
     console = Console()
     return console if console.is_terminal else Console(width=120)
-
-
-def _row_json(row: Any) -> dict[str, Any]:
-    return {k: getattr(row, k) for k in row.__dataclass_fields__}
 
 
 def _where(app: SagaApplication) -> str:

@@ -186,7 +186,7 @@ def _check_one(
     """One saga's divergences, read as recovery reads it: every event checked by the machine."""
     live = row.status in LIVE_STATES
     try:
-        events = app.history(row.saga_id)
+        events = app.saga_events(row.saga_id)
     except SagaError as e:
         version = getattr(e, "version", None)
         why = f"its stream cannot be read, so nothing can resume it: {e}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, time
 from typing import Any
 
 from eventsourcing.persistence import StoredEvent
@@ -80,7 +80,7 @@ class HistoryRecord:
     readable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (see the export schema)."""
+        """Plain JSON values (see the export schema): `json.dumps` takes them as they are."""
         return {
             "position": self.position,
             "version": self.version,
@@ -92,16 +92,29 @@ class HistoryRecord:
             "error": None if self.error is None else vars(self.error).copy(),
             "changes": {
                 name: {
-                    "before": None if change.before is ABSENT else change.before,
-                    "after": None if change.after is REMOVED else change.after,
+                    "before": None if change.before is ABSENT else _plain(change.before),
+                    "after": None if change.after is REMOVED else _plain(change.after),
                     **({"added": True} if change.before is ABSENT else {}),
                     **({"removed": True} if change.after is REMOVED else {}),
                 }
                 for name, change in self.changes.items()
             },
-            "details": self.details,
+            "details": _plain(self.details),
             "readable": self.readable,
         }
+
+
+def _plain(value: Any) -> Any:
+    """`value` with what JSON cannot hold as text: times as ISO 8601, others as `str`."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    return str(value)
 
 
 def records(

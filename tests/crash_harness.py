@@ -657,7 +657,7 @@ def check_sagas(
     for saga_id, fail_at in sagas:
         checked.add(str(saga_id))
         try:
-            events = app.history(saga_id)
+            events = app.saga_events(saga_id)
         except SagaNotFound:
             events = []
         calls = mine.get(str(saga_id), [])

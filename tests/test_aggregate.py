@@ -928,7 +928,7 @@ def test_accepted_histories_replay_the_same_through_a_store(
 
     stored = app.get(saga.id)
     assert state_of(stored) == state_of(saga)
-    assert app.history(saga.id) == accepted
+    assert app.saga_events(saga.id) == accepted
     version = data.draw(st.integers(1, len(accepted)), label="version")
     as_of = app.get(saga.id, version=version)
     expected = replay(None, accepted[:version])

@@ -72,7 +72,7 @@ def test_run_returns_the_finished_saga_as_stored(app: SagaApplication) -> None:
     assert (saga.name, saga.definition_version, saga.steps) == ("order", 1, ["reserve", "charge"])
     assert saga.key is None
     stored = app.get(saga.id)
-    assert stored.version == saga.version == len(app.history(saga.id))
+    assert stored.version == saga.version == len(app.saga_events(saga.id))
     assert stored.status == "completed"
     assert stored.context == {"order": 7, "reserve": True, "charge": True}
 
@@ -94,7 +94,7 @@ def test_the_definition_version_is_recorded(app: SagaApplication) -> None:
     definition = SagaDefinition("order", [Step("a", lambda c, k: None)], version=3)
     saga = app.run(definition, {})
     assert app.get(saga.id).definition_version == 3
-    assert app.history(saga.id)[0].definition_version == 3
+    assert app.saga_events(saga.id)[0].definition_version == 3
 
 
 def test_stream_yields_one_update_per_event_once_it_is_durable(
@@ -107,13 +107,13 @@ def test_stream_yields_one_update_per_event_once_it_is_durable(
         updates = []
         async for update in app.stream(counter.definition, {"n": 1}, key="s1"):
             # When an update arrives, its event can already be read from the store.
-            durable.append(len(reader.history(update.saga_id)) >= update.version)
+            durable.append(len(reader.saga_events(update.saga_id)) >= update.version)
             updates.append(update)
         return updates
 
     updates = asyncio.run(main())
     saga_id = SagaApplication.saga_id("order", "s1")
-    history = app.history(saga_id)
+    history = app.saga_events(saga_id)
     assert all(durable)
     assert [u.version for u in updates] == list(range(1, len(history) + 1))
     assert [u.event for u in updates] == [type(e).__name__ for e in history]
@@ -161,7 +161,7 @@ def test_update_json_writes_what_json_cannot_hold_as_strings() -> None:
 
 def test_get_at_each_version_is_the_saga_as_of_that_event(app: SagaApplication) -> None:
     saga = app.run(Counter(("reserve", "fail")).definition, {})
-    history = app.history(saga.id)
+    history = app.saga_events(saga.id)
     for version, event in enumerate(history, start=1):
         past = app.get(saga.id, version=version)
         assert past.version == version
@@ -195,7 +195,7 @@ def test_get_projects_with_the_plain_replay_loop(
 @pytest.mark.parametrize("version", [0, -1, 99])
 def test_a_version_outside_the_stream_is_refused(app: SagaApplication, version: int) -> None:
     saga = app.run(Counter().definition, {})
-    last = len(app.history(saga.id))
+    last = len(app.saga_events(saga.id))
     with pytest.raises(VersionNotFound) as caught:
         app.get(saga.id, version=version if version != 99 else last + 1)
     error = caught.value
@@ -210,9 +210,9 @@ def test_an_unknown_saga_is_not_found(app: SagaApplication) -> None:
     for read in (
         lambda: app.get(unknown),
         lambda: app.get(unknown, version=1),
-        lambda: app.history(unknown),
+        lambda: app.saga_events(unknown),
         lambda: app.get("not-a-uuid"),
-        lambda: app.history("not-a-uuid"),
+        lambda: app.saga_events("not-a-uuid"),
     ):
         with pytest.raises(SagaNotFound):
             read()
@@ -224,7 +224,7 @@ def test_an_unknown_saga_is_not_found(app: SagaApplication) -> None:
 
 def test_history_is_every_event_in_order(app: SagaApplication) -> None:
     saga = app.run(Counter(("a", "b")).definition, {})
-    history = app.history(saga.id)
+    history = app.saga_events(saga.id)
     assert [e.originator_version for e in history] == list(range(1, len(history) + 1))
     assert {e.originator_id for e in history} == {saga.id}
     assert [type(e).__name__ for e in history] == [
@@ -235,7 +235,7 @@ def test_history_is_every_event_in_order(app: SagaApplication) -> None:
         "StepCompleted",
         "SagaCompleted",
     ]
-    assert app.history(str(saga.id)) == history
+    assert app.saga_events(str(saga.id)) == history
 
 
 def test_sagas_lists_every_saga_in_the_order_started(app: SagaApplication) -> None:
@@ -305,7 +305,7 @@ def test_the_same_key_in_a_second_application_on_the_store_runs_nothing(
     assert again.id == first.id
     assert again.status == "completed"
     assert counter.calls == ["reserve", "charge"]
-    assert len(later.history(first.id)) == len(app.history(first.id))
+    assert len(later.saga_events(first.id)) == len(app.saga_events(first.id))
 
 
 @pytest.mark.parametrize("store", DURABLE_STORES)
@@ -321,7 +321,7 @@ def test_a_second_application_reads_what_the_first_wrote(
         assert stored.status == saga.status
         assert stored.version == saga.version
         assert stored.context == saga.context
-        assert later.history(saga.id) == app.history(saga.id)
+        assert later.saga_events(saga.id) == app.saga_events(saga.id)
         assert later.get(saga.id, version=2).status == "running"
 
 

@@ -86,8 +86,17 @@ def test_list_and_show_read_back_the_file_in_a_later_process(tmp_path: Path) -> 
         ("CompensationRan", "book_tickets"),
         ("CompensationStarted", "book_flight"),
         ("CompensationRan", "book_flight"),
-        ("SagaCompensated", ""),
+        ("SagaCompensated", None),
     ]
+    records = json.loads(shown.stdout)
+    positions = [r["position"] for r in records]
+    assert positions == sorted(positions)
+    assert records[0]["changes"]["customer"] == {
+        "before": None,
+        "after": "Blaise Pascal",
+        "added": True,
+    }
+    assert records[-2]["changes"]["flight"]["after"] is None
 
     table = saga_es("show", rows[0]["id"], "--db", str(db))
     assert table.returncode == 0
@@ -261,7 +270,7 @@ def test_resolve_finishes_a_stuck_saga_and_records_who_and_why(
         first, second = (app.get(s) for s in stuck)
         assert (first.status, first.context_state) == ("compensated", {"charged": False})
         assert (second.status, second.context_state) == ("compensated", {"charged": True})
-        resolved = [e for e in app.history(second.id) if type(e).__name__ == "SagaResolved"]
+        resolved = [e for e in app.saga_events(second.id) if type(e).__name__ == "SagaResolved"]
         assert [(e.action, e.by, e.reason) for e in resolved] == [
             ("mark-compensated", "ada", "refund api")
         ]
@@ -343,3 +352,34 @@ def test_check_reports_what_new_code_cannot_recover(
     assert f"saga {saga.id}" in renamed.output
     assert "renamed book_flight" in renamed.output
     assert "[blocking]" in renamed.output
+
+
+def test_export_writes_json_and_a_self_contained_html_report(tmp_path: Path) -> None:
+    db = tmp_path / "trips.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+    with SagaApplication(env=_sqlite(db)) as app:
+        _, undone = (row.saga_id for row in app.statuses())
+    args = [str(undone), "--db", str(db), "--definitions", "saga_es.demo"]
+
+    printed = runner.invoke(cli, ["export", *args])
+    assert printed.exit_code == 0, printed.output
+    document = json.loads(printed.output)
+    assert document["schema"] == "saga_es.export/1"
+    assert document["saga"]["status"] == "compensated"
+    assert [e["event"] for e in document["events"]][-1] == "SagaCompensated"
+    assert document["diagram"].startswith("flowchart LR")
+
+    report = tmp_path / "saga.html"
+    written = runner.invoke(cli, ["export", *args, "--format", "html", "-o", str(report)])
+    assert written.exit_code == 0, written.output
+    html = report.read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    assert 'data-outcome="failed"' in html
+    assert "http://" not in html.replace("http://www.w3.org", "")
+
+    missing = runner.invoke(
+        cli, ["export", "00000000-0000-0000-0000-000000000001", "--db", str(db)]
+    )
+    assert missing.exit_code == 1
+    assert "no saga with id" in missing.output

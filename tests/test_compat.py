@@ -97,7 +97,7 @@ def found(report: CheckReport, sagas: Sagas) -> dict[str, list[tuple[str, str | 
 def first_version(app: SagaApplication, saga_id: UUID, event: str, step: str) -> int:
     return next(
         e.originator_version
-        for e in app.history(saga_id)
+        for e in app.saga_events(saga_id)
         if type(e).__name__ == event and vars(e).get("step") == step
     )
 

@@ -121,7 +121,7 @@ def test_a_step_records_what_it_changed_and_removed(app: SagaApplication) -> Non
     context = {"kept": True, "changed": "old", "gone": 0, "nested": {"list": [1, 2]}}
     definition = SagaDefinition("edit", [Step("edit", edit), Step("nothing", nothing)])
     saga = app.run(definition, context)
-    completed = [e for e in app.history(saga.id) if isinstance(e, StepCompleted)]
+    completed = [e for e in app.saga_events(saga.id) if isinstance(e, StepCompleted)]
     assert [e.step for e in completed] == ["edit", "nothing"]
     assert completed[0].changes == {"added": 1, "changed": "new", "nested": {"list": [1, 2, 3]}}
     assert completed[0].removed == ["gone"]
@@ -140,7 +140,7 @@ def test_a_dataclass_or_model_step_records_only_the_fields_it_changed(
     kind: str, app: SagaApplication
 ) -> None:
     saga = app.run(SagaDefinition("order", [Step("double", double)]), CONTEXTS[kind]())
-    (completed,) = [e for e in app.history(saga.id) if isinstance(e, StepCompleted)]
+    (completed,) = [e for e in app.saga_events(saga.id) if isinstance(e, StepCompleted)]
     assert completed.changes == {"qty": 2}
     assert completed.removed == []
 
@@ -182,7 +182,7 @@ def test_the_context_at_each_version_is_the_context_as_of_that_event(
         ("CompensationRan", undone),
         ("SagaCompensated", undone),
     ]
-    history = app.history(saga.id)
+    history = app.saga_events(saga.id)
     assert [type(e).__name__ for e in history] == [name for name, _ in expected]
     for version, (_, context) in enumerate(expected, start=1):
         assert app.get(saga.id, version=version).context == context, version
@@ -279,7 +279,7 @@ def test_a_step_that_makes_the_context_unserialisable_fails_cleanly(
     saga = app.run(definition, context)
     assert saga.status == "compensated"
     assert undone == ["first"]
-    failed = [e for e in reader.history(saga.id) if isinstance(e, StepFailed)]
+    failed = [e for e in reader.saga_events(saga.id) if isinstance(e, StepFailed)]
     assert [(e.step, e.error_type) for e in failed] == [("spoil", "ContextError")]
     assert repr(field_name) in failed[0].error_message
     stored = reader.get(saga.id)

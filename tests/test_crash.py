@@ -179,9 +179,13 @@ def test_recovery_leaves_alone_a_step_another_worker_started_after_the_listing(
             runner.resume(saga, definition)
             worker_a._save(saga)  # its step's start is durable; A is running the action now
 
-    before = [(type(e).__name__, getattr(e, "attempt", None)) for e in worker_a.history(second.id)]
+    before = [
+        (type(e).__name__, getattr(e, "attempt", None)) for e in worker_a.saga_events(second.id)
+    ]
     report = worker_b.recover(progress=progress)
-    after = [(type(e).__name__, getattr(e, "attempt", None)) for e in worker_a.history(second.id)]
+    after = [
+        (type(e).__name__, getattr(e, "attempt", None)) for e in worker_a.saga_events(second.id)
+    ]
     a_started = [*before, ("StepStarted", 2 if listed_as == "interrupted" else 1)]
     assert first.id in report.resumed
     assert after == a_started, "worker B appended to a saga whose step A is running"

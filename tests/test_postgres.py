@@ -99,7 +99,7 @@ def test_a_stale_writer_of_one_saga_is_refused_whole(pg_app: SagaApplication) ->
     stale.start_step("s2", 1)
     with pytest.raises(IntegrityError):
         pg_app.save(stale)
-    assert len(pg_app.history(saga.id)) == EVENTS_PER_SAGA
+    assert len(pg_app.saga_events(saga.id)) == EVENTS_PER_SAGA
     assert "late" not in pg_app.get(saga.id).context_state
     assert pg_app.recorder.max_notification_id() == EVENTS_PER_SAGA
 
@@ -270,7 +270,7 @@ def test_a_pool_of_one_connection_still_reads_and_writes(
     app = open_app({**pg_env, "POSTGRES_POOL_SIZE": "1", "POSTGRES_MAX_OVERFLOW": "0"})
     saga = app.run(FIVE_STEPS, {"n": 1})
     assert app.get(saga.id).status == "completed"
-    assert len(app.history(saga.id)) == EVENTS_PER_SAGA
+    assert len(app.saga_events(saga.id)) == EVENTS_PER_SAGA
 
 
 def test_closing_the_application_gives_every_connection_back(pg_env: Env) -> None:

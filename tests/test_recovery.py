@@ -136,7 +136,7 @@ def crash(app: SagaApplication, definition: SagaDefinition, key: str, context: A
 def moves(app: SagaApplication, saga_id: UUID) -> Moves:
     """The saga's history as (event, step, attempt), plus the fields that tell outcomes apart."""
     rows: Moves = []
-    for event in app.history(saga_id):
+    for event in app.saga_events(saga_id):
         data = vars(event)
         row: tuple[Any, ...] = (type(event).__name__,)
         if "step" in data:
@@ -353,7 +353,7 @@ def test_reconcile_that_took_effect_completes_the_attempt_with_what_it_found(
     ]
     assert shop.log() == [("do", "a"), ("do", "b"), ("check", "b"), ("do", "c")]
     assert shop.keys("check", "b") == shop.keys("do", "b")  # the reconcile asks by the same key
-    history = app.history(saga_id)
+    history = app.saga_events(saga_id)
     assert vars(history[5])["changes"] == {"b-check": "looked"}  # what reconcile changed
     saga = app.get(saga_id)
     assert saga.context == {"customer": "ada", "a": "done", "b-check": "looked", "c": "done"}
@@ -540,7 +540,7 @@ def test_a_compensation_reconcile_that_took_effect_records_it_and_goes_on(
         ("undo", "a"),
     ]
     assert shop.keys("check-undo", "b") == shop.keys("undo", "b")
-    ran = app.history(saga_id)[len(UNTIL_B_UNDOING) + 1]
+    ran = app.saga_events(saga_id)[len(UNTIL_B_UNDOING) + 1]
     assert vars(ran)["changes"] == {"b-check-undo": "looked"}
     saga = app.get(saga_id)
     assert saga.context == {"customer": "ada", "a": "undone", "b": "done", "b-check-undo": "looked"}
@@ -1163,7 +1163,7 @@ def test_a_status_row_describes_the_saga_as_of_its_last_event(
     by_id = {row.saga_id: row for row in app.statuses()}
     assert set(by_id) == set(mixed.values())
     for status, saga_id in mixed.items():
-        row, history = by_id[saga_id], app.history(saga_id)
+        row, history = by_id[saga_id], app.saga_events(saga_id)
         assert isinstance(row, SagaStatus)
         assert (row.name, row.definition_version, row.key) == ("trip", 1, status)
         assert (row.status, row.step, row.version) == (status, expected_step[status], len(history))
@@ -1242,7 +1242,7 @@ def test_recovery_keeps_the_projection_up_to_date(
     assert rows[mixed["running"]].status == "completed"
     assert rows[mixed["compensating"]].status == "compensated"
     for saga_id in (mixed["running"], mixed["compensating"]):
-        assert rows[saga_id].version == len(app.history(saga_id))
+        assert rows[saga_id].version == len(app.saga_events(saga_id))
     before = app.statuses()
     app.rebuild_status()
     assert app.statuses() == before

@@ -120,7 +120,7 @@ class Trip:
 
 
 def event_names(app: SagaApplication, saga: Saga) -> list[str]:
-    return [type(e).__name__ for e in app.history(saga.id)]
+    return [type(e).__name__ for e in app.saga_events(saga.id)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -163,7 +163,7 @@ def test_a_failing_step_is_recorded_and_completed_steps_are_compensated_in_rever
         ("undo", "b"),
         ("undo", "a"),
     ]
-    history = app.history(saga.id)
+    history = app.saga_events(saga.id)
     assert [type(e).__name__ for e in history] == [
         "SagaStarted",
         *["StepStarted", "StepCompleted"] * 2,
@@ -189,7 +189,7 @@ def test_steps_without_compensation_are_passed_over(app: SagaApplication, mode: 
     saga = execute(app, trip.definition, {}, mode, None)
     assert saga.status == "compensated"
     assert trip.steps("undo") == ["c", "a"]
-    started = [e.step for e in app.history(saga.id) if isinstance(e, CompensationStarted)]
+    started = [e.step for e in app.saga_events(saga.id) if isinstance(e, CompensationStarted)]
     assert started == ["c", "a"]
     assert app.get(saga.id).compensated == ["c", "a"]
 
@@ -228,7 +228,7 @@ def test_a_compensation_that_raises_leaves_the_saga_stuck(
         ("do", "c"),
         ("undo", "b"),
     ]
-    history = app.history(saga.id)
+    history = app.saga_events(saga.id)
     assert [type(e).__name__ for e in history][-3:] == [
         "CompensationStarted",
         "CompensationFailed",
@@ -304,7 +304,7 @@ def test_each_start_is_durable_before_its_callable_runs(
 
     def check(what: str, step: str) -> None:
         # Read what is stored, through another application where the store allows it.
-        last = reader.history(saga_id)[-1]
+        last = reader.saga_events(saga_id)[-1]
         seen.append((what, step, type(last).__name__, last.step, last.attempt))
 
     trip = Trip("abc", kind=kind, fail="c", check=check)
@@ -407,7 +407,7 @@ def test_arun_awaits_async_steps_on_the_loop_and_runs_sync_steps_in_threads(
 def test_only_started_steps_are_in_the_history(app: SagaApplication) -> None:
     trip = Trip("abc", fail="b")
     saga = app.run(trip.definition, {})
-    started = [e.step for e in app.history(saga.id) if isinstance(e, StepStarted)]
+    started = [e.step for e in app.saga_events(saga.id) if isinstance(e, StepStarted)]
     assert started == ["a", "b"]
 
 

@@ -33,7 +33,7 @@ def test_an_overridden_notify_hears_every_saga_event(tmp_path: Path) -> None:
         env={"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp_path / "l.db")}
     )
     saga = app.run(DEFINITION, {})
-    assert app.heard == [type(e).__name__ for e in app.history(saga.id)]
+    assert app.heard == [type(e).__name__ for e in app.saga_events(saga.id)]
     assert saga.status == "completed"
 
 
