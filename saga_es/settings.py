@@ -64,3 +64,31 @@ def configuration_error(error: Exception, env: Environment) -> ConfigurationErro
     if "sqlite" in module:
         return ConfigurationError("SQLITE_DBNAME", message)
     return ConfigurationError("PERSISTENCE_MODULE", message)
+
+
+SAGA_COMMIT_MAX_BATCH = "SAGA_COMMIT_MAX_BATCH"
+"""Most sagas' boundaries one group commit writes (async sagas on one event loop)."""
+SAGA_COMMIT_MAX_WAIT = "SAGA_COMMIT_MAX_WAIT"
+"""Seconds a group commit waits for more boundaries before writing (0: never waits)."""
+
+
+def commit_settings(env: Environment) -> tuple[int, float]:
+    """The group commit's batch bound and wait, from the settings."""
+    raw_batch, raw_wait = env.get(SAGA_COMMIT_MAX_BATCH), env.get(SAGA_COMMIT_MAX_WAIT)
+    try:
+        batch = 100 if raw_batch in (None, "") else int(raw_batch)
+    except (TypeError, ValueError):
+        batch = 0
+    if batch < 1:
+        raise ConfigurationError(
+            SAGA_COMMIT_MAX_BATCH, f"expected a whole number of sagas >= 1, got {raw_batch!r}"
+        )
+    try:
+        wait = 0.0 if raw_wait in (None, "") else float(raw_wait)
+    except (TypeError, ValueError):
+        wait = -1.0
+    if not 0 <= wait <= 10:
+        raise ConfigurationError(
+            SAGA_COMMIT_MAX_WAIT, f"expected seconds between 0 and 10, got {raw_wait!r}"
+        )
+    return batch, wait
