@@ -17,7 +17,10 @@ class Clock(Protocol):
     """What saga_es needs to know about time, so a test can substitute its own."""
 
     def now(self) -> datetime:
-        """Timezone-aware UTC wall time, for what is recorded in events."""
+        """Timezone-aware UTC wall time: deadlines and retry waits read it.
+
+        Event timestamps are eventsourcing's own (the real wall clock).
+        """
         ...
 
     def monotonic(self) -> float:

@@ -197,6 +197,10 @@ def _check_one(
         at = 1 if problem is None else problem.version
         why = f"the state machine rejects its stream, so recovery would refuse it: {problem}"
         return [Divergence(row.saga_id, at, UNREADABLE, None, why, live)]
+    own = app.definitions.get((saga.name, saga.definition_version))
+    if own is not None and own is not definition and own.version != definition.version:
+        # The code registers the saga's own version too: recovery will use that one.
+        return _Compare(saga, own, events).divergences()
     return _Compare(saga, definition, events).divergences()
 
 

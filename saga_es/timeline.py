@@ -16,6 +16,7 @@ from rich.text import Text
 
 from saga_es.aggregate import Saga
 from saga_es.context import State, apply_diff
+from saga_es.history import ABSENT
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def render(saga: Saga, events: Sequence[Saga.Event]) -> Table:
 
 
 def _changes(before: State, changes: dict[str, Any], removed: list[str]) -> str:
-    parts = [f"{k}: {_short(before.get(k))} → {_short(v)}" for k, v in changes.items()]
+    parts = [f"{k}: {_short(before.get(k, ABSENT))} → {_short(v)}" for k, v in changes.items()]
     parts += [f"{k}: removed" for k in removed]
     return "; ".join(parts)
 
