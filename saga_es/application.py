@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,68 @@ class SagaApplication(Application[UUID]):
                 return self._taken_over(saga)
         return saga
 
+    def submit(
+        self, definition: SagaDefinition | str, context: Any, *, key: str | None = None
+    ) -> UUID:
+        """Record a pending saga and return its id at once; a worker runs it.
+
+        `definition` is a definition or the name of a registered one (its latest
+        version). With a known `key`, the saga already started under it is returned.
+        Nothing is stored if the definition is unknown or the context cannot be.
+        """
+        if isinstance(definition, str):
+            versions = [v for (name, v) in self.definitions if name == definition]
+            if not versions:
+                raise DefinitionNotFound(definition)
+            definition = self.definitions[definition, max(versions)]
+        saga = self._start(definition, context, key, begin=False)
+        if saga.pending_events:
+            self._save_start(saga)
+        return saga.id
+
+    def work(
+        self,
+        *,
+        concurrency: int = 8,
+        poll_interval: float = 1.0,
+        stop: threading.Event | None = None,
+        until_idle: bool = False,
+    ) -> RecoveryReport:
+        """Run submitted and interrupted sagas, `concurrency` at a time, until `stop` is set.
+
+        Many workers, in many processes, may share one PostgreSQL: each lists the sagas
+        in flight from the status projection, and a saga's version check lets exactly
+        one of them append its next start. `stop` lets the sagas in hand finish;
+        `until_idle` returns once a pass over the store finds nothing to run.
+        """
+        return asyncio.run(
+            self.awork(
+                concurrency=concurrency,
+                poll_interval=poll_interval,
+                stop=stop,
+                until_idle=until_idle,
+            )
+        )
+
+    async def awork(
+        self,
+        *,
+        concurrency: int = 8,
+        poll_interval: float = 1.0,
+        stop: threading.Event | None = None,
+        until_idle: bool = False,
+    ) -> RecoveryReport:
+        """`work` on the running event loop."""
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        return await recovery.work(
+            self,
+            concurrency=concurrency,
+            poll_interval=poll_interval,
+            stop=stop or threading.Event(),
+            until_idle=until_idle,
+        )
+
     def _taken_over(self, saga: Saga) -> Saga:
         """Another worker appended first: keep its history, stop, and say so."""
         log.warning(
@@ -314,7 +377,9 @@ class SagaApplication(Application[UUID]):
         except IntegrityError:
             yield [], await asyncio.to_thread(self._taken_over, saga)
 
-    def _start(self, definition: SagaDefinition, context: Any, key: str | None) -> Saga:
+    def _start(
+        self, definition: SagaDefinition, context: Any, key: str | None, *, begin: bool = True
+    ) -> Saga:
         """A new saga with its first step written ahead, or the one already under `key`."""
         self.register(definition)
         try:
@@ -348,7 +413,8 @@ class SagaApplication(Application[UUID]):
             if definition.deadline is None
             else self.clock.now() + timedelta(seconds=definition.deadline),
         )
-        runner.begin(saga)
+        if begin:
+            runner.begin(saga)
         return saga
 
     def _save_start(self, saga: Saga) -> bool:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -25,11 +28,12 @@ from rich.table import Table
 from saga_es.application import SagaApplication
 from saga_es.bench import bench_command
 from saga_es.definition import SagaDefinition
-from saga_es.errors import SagaError
+from saga_es.errors import ConfigurationError, SagaError
 from saga_es.machine import STATES
 from saga_es.timeline import render
 
 DEFAULT_DB = "saga_es.db"
+log = logging.getLogger("saga_es")
 
 _db_option = click.option(
     "--db",
@@ -342,6 +346,66 @@ def check(db: str | None, modules: tuple[str, ...], recent_hours: float) -> None
             ok = ok and report.ok
     if not ok:
         sys.exit(1)
+
+
+@cli.command()
+@_db_option
+@_definitions_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Sagas run at once by this worker.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between looks for new work.",
+)
+@click.option("--until-idle", is_flag=True, help="Exit once a pass finds nothing to run.")
+def worker(
+    db: str | None, modules: tuple[str, ...], concurrency: int, poll: float, until_idle: bool
+) -> None:
+    """Run submitted and interrupted sagas until SIGTERM; many workers may share PostgreSQL."""
+    logging.basicConfig(level=logging.INFO, format="saga-es worker %(process)d: %(message)s")
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    app = _connect(db, stop)
+    if app is None:
+        return
+    with app:
+        app.register(*definitions)
+        log.info("started: %s, %d at a time", _where(app), concurrency)
+        report = app.work(
+            concurrency=concurrency, poll_interval=poll, stop=stop, until_idle=until_idle
+        )
+    log.info(
+        "stopped: %d saga(s) run, %d taken by another worker, %d failed",
+        len(report.resumed),
+        len(report.taken_over),
+        len(report.failed),
+    )
+    if report.failed:
+        sys.exit(1)
+
+
+def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
+    """The application, retrying with backoff while the store cannot be reached."""
+    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": db} if db else None
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return SagaApplication(env=env)
+        except ConfigurationError as e:
+            log.warning("cannot reach the store (%s); retrying in %.1fs", e, delay)
+        stop.wait(delay)
+        delay = min(delay * 2, 30.0)
+    return None
 
 
 def _load_definitions(spec: str) -> list[SagaDefinition]:

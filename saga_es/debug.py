@@ -63,9 +63,10 @@ def rerun_step(
     """
     saga = app.get(saga_id)
     definition = app.definition(saga.name, saga.definition_version)
+    what = "the compensation of" if compensation else "step"
     at = _start_version(app, saga, step, compensation) if version is None else version
-    if at is None or step not in saga.attempts:
-        raise StepNotReached(saga.id, step, "the compensation of" if compensation else "step")
+    if at is None or step not in (saga.compensation_attempts if compensation else saga.attempts):
+        raise StepNotReached(saga.id, step, what)
     then = app.get(saga.id, version=at)
     kind, fn = _callable(saga.id, definition, step, compensation, step in then.on_fallback)
     before = dict(then.context_state)

@@ -67,9 +67,10 @@ class SagaNotFound(SagaError, KeyError):
 class DefinitionNotFound(SagaError, KeyError):
     """Raised when a stored saga names a definition this application does not know."""
 
-    def __init__(self, name: str, version: int) -> None:
+    def __init__(self, name: str, version: int | None = None) -> None:
+        which = f"{name!r}" if version is None else f"{name!r} version {version}"
         super().__init__(
-            f"no saga definition {name!r} version {version} is registered; "
+            f"no saga definition {which} is registered; "
             "pass it in definitions=[...] or call register()"
         )
         self.name, self.version = name, version

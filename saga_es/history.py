@@ -165,6 +165,8 @@ def _record(event: Any, state: State, position: int | None) -> tuple[HistoryReco
     error = None
     if "error_type" in data:
         error = EventError(data["error_type"], data["error_message"])
+    elif isinstance(event, Saga.SagaTimedOut):
+        error = EventError("DeadlineExceeded", f"the deadline {event.deadline} passed")
     details = {k: v for k, v in data.items() if k not in _COMMON}
     if isinstance(event, Saga.SagaStarted):
         details.pop("context", None)

@@ -42,8 +42,8 @@ class POPOSagaRecorder(POPOApplicationRecorder):
         with self._database_lock:
             rows = sorted(self._statuses.values(), key=_order)
             start = self._statuses.get(query.after) if query.after is not None else None
-        if start is not None:
-            rows = [row for row in rows if _order(row) > _order(start)]
+        if query.after is not None:  # an unknown cursor ends the listing, as in SQL
+            rows = [] if start is None else [row for row in rows if _order(row) > _order(start)]
         return [row for row in rows if query.matches(row)][: query.limit]
 
     def select_positions(self, saga_id: UUID) -> dict[int, int]:

@@ -8,12 +8,15 @@ saga's version, and a worker that loses that race runs nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
@@ -79,45 +82,144 @@ def recover(
     return report
 
 
-def _recover_one(
+def _prepare(
     app: SagaApplication, row: SagaStatus, now: datetime, report: RecoveryReport
-) -> None:
+) -> tuple[Saga, SagaDefinition] | None:
+    """The saga to resume, rebuilt and checked, or None (and why, in the report)."""
     saga_id = row.saga_id
     try:
         definition = app.definition(row.name, row.definition_version)
         if row.status != machine.PENDING and now - row.updated_at < _timeout(app, definition, row):
             report.waiting.append(saga_id)
-            return
+            return None
         saga = rebuild(app, saga_id)
     except Exception as e:  # one saga's problem never stops the others
         _failed(report, saga_id, e)
-        return
+        return None
     if saga.status not in IN_FLIGHT_STATES:
         report.ended.append(saga_id)  # another worker finished it after the listing
-        return
+        return None
     if saga.version != row.version and saga.status != machine.PENDING:
         # Another worker moved it after the listing: judge it by its own latest event.
         moved = replace(row, status=saga.status, step=saga.step, updated_at=saga.modified_on)
         if datetime.now(UTC) - saga.modified_on < _timeout(app, definition, moved):
             report.waiting.append(saga_id)
-            return
+            return None
+    return saga, definition
+
+
+def _recover_one(
+    app: SagaApplication, row: SagaStatus, now: datetime, report: RecoveryReport
+) -> None:
+    prepared = _prepare(app, row, now, report)
+    if prepared is None:
+        return
+    saga, definition = prepared
     try:
         first = runner.resume(saga, definition)
         app._save(saga)  # the fencing point: this append must win the version check
         runner.run(saga, definition, app._save, app._check_encodable, first, app.clock)
     except IntegrityError:
-        log.warning(
-            "saga %s: another worker appended first (version %s); leaving it to that worker",
-            saga_id,
-            saga.version,
-            extra={"saga_id": str(saga_id)},
-        )
-        report.taken_over.append(saga_id)
+        _lost(report, saga)
         return
     except Exception as e:
-        _failed(report, saga_id, e)
+        _failed(report, saga.id, e)
         return
-    report.resumed.append(saga_id)
+    report.resumed.append(saga.id)
+
+
+async def recover_one_async(
+    app: SagaApplication, row: SagaStatus, now: datetime, report: RecoveryReport
+) -> None:
+    """`_recover_one` on an event loop: its saves join the group commit."""
+    prepared = await asyncio.to_thread(_prepare, app, row, now, report)
+    if prepared is None:
+        return
+    saga, definition = prepared
+    try:
+        first = runner.resume(saga, definition)
+        await app._asave(saga)  # the fencing point, as above
+        check, clock = app._check_encodable, app.clock
+        async for _ in runner.arun(saga, definition, app._asave, check, first, clock):
+            pass
+    except IntegrityError:
+        _lost(report, saga)
+        return
+    except Exception as e:
+        _failed(report, saga.id, e)
+        return
+    report.resumed.append(saga.id)
+
+
+def _lost(report: RecoveryReport, saga: Saga) -> None:
+    log.warning(
+        "saga %s: another worker appended first (version %s); leaving it to that worker",
+        saga.id,
+        saga.version,
+        extra={"saga_id": str(saga.id)},
+    )
+    report.taken_over.append(saga.id)
+
+
+async def work(
+    app: SagaApplication,
+    *,
+    concurrency: int,
+    poll_interval: float,
+    stop: threading.Event,
+    until_idle: bool,
+) -> RecoveryReport:
+    """Run pending and recoverable sagas, `concurrency` at a time, until `stop` is set.
+
+    Every worker lists the same projection; each takes its candidates in a random
+    order, and the version check on each saga's first append decides who runs it.
+    """
+    report = RecoveryReport()
+    running: dict[UUID, asyncio.Task[None]] = {}
+    slots = asyncio.Semaphore(concurrency)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        running.pop(owners.pop(task), None)
+        slots.release()
+
+    owners: dict[asyncio.Task[None], UUID] = {}
+
+    while not stop.is_set():
+        rows = await asyncio.to_thread(
+            app.statuses, status=IN_FLIGHT_STATES, limit=max(PAGE, 4 * concurrency)
+        )
+        candidates = [row for row in rows if row.saga_id not in running]
+        random.shuffle(candidates)  # workers sharing a store start on different sagas
+        now = datetime.now(UTC)
+        resumed = len(report.resumed)
+        for row in candidates:
+            if stop.is_set():
+                break
+            await slots.acquire()
+            task = asyncio.create_task(recover_one_async(app, row, now, report))
+            running[row.saga_id] = task
+            owners[task] = row.saga_id
+            task.add_done_callback(finished)
+        if until_idle:
+            await asyncio.gather(*running.values(), return_exceptions=True)
+            if len(report.resumed) == resumed:
+                break  # a whole pass found nothing it could run
+            continue
+        await _pause(stop, poll_interval, running)
+    if running:
+        await asyncio.gather(*running.values(), return_exceptions=True)
+    return report
+
+
+async def _pause(stop: threading.Event, seconds: float, running: dict[UUID, Any]) -> None:
+    """Wait for the next listing: `seconds`, or less once a saga finishes or `stop` is set."""
+    waited = 0.0
+    count = len(running)
+    while waited < seconds and not stop.is_set():
+        await asyncio.sleep(0.02)
+        waited += 0.02
+        if len(running) < count:
+            return
 
 
 class StreamRejected(SagaError):

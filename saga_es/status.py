@@ -74,8 +74,11 @@ class StatusQuery:
     def __post_init__(self) -> None:
         for name in ("started_after", "started_before"):
             moment = getattr(self, name)
-            if moment is not None and moment.tzinfo is None:
-                object.__setattr__(self, name, moment.replace(tzinfo=UTC))
+            if moment is not None:  # naive: UTC; aware: the same instant in UTC
+                utc = (
+                    moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+                )
+                object.__setattr__(self, name, utc)
 
     @property
     def in_flight_only(self) -> bool:
