@@ -1,0 +1,217 @@
+"""Submitted sagas and workers: `submit`, `work`, and `saga-es worker` processes over one store.
+
+Worker processes are real `python -m saga_es worker` subprocesses sharing one PostgreSQL
+(or one SQLite file). Every action appends its idempotency key to a side-effect log, so
+the tests can say which step ran how many times, in which process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import STORES, Env
+
+from saga_es import ContextError, DefinitionNotFound, SagaApplication
+
+SAGAS = """
+import asyncio
+import os
+from pathlib import Path
+
+from saga_es import SagaDefinition, Step
+
+LOG = Path(os.environ["SIDE_EFFECTS"])
+PAUSE = float(os.environ.get("STEP_PAUSE", "0.005"))
+
+
+def effect(what):
+    async def step(context, key):
+        with LOG.open("a") as log:
+            log.write(f"{os.getpid()} {what} {key}\\n")
+        await asyncio.sleep(PAUSE)
+
+    return step
+
+
+ORDER = SagaDefinition(
+    "order", [Step(name, effect("do"), effect("undo")) for name in ("reserve", "pay", "ship")]
+)
+"""
+
+
+@pytest.fixture
+def sagas_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The definitions module the workers import, and its side-effect log."""
+    (tmp_path / "worker_sagas.py").write_text(SAGAS)
+    monkeypatch.setenv("SIDE_EFFECTS", str(tmp_path / "effects.log"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import worker_sagas  # type: ignore[import-not-found]
+
+    yield worker_sagas
+    sys.modules.pop("worker_sagas", None)
+
+
+def effects(module: Any) -> list[tuple[int, str, str]]:
+    """(pid, "do" | "undo", key) for every call, in the order they happened."""
+    if not module.LOG.exists():
+        return []
+    rows = [line.split() for line in module.LOG.read_text().splitlines()]
+    return [(int(pid), what, key) for pid, what, key in rows]
+
+
+def start_worker(env: Env, module: Any, *args: str, pause: float = 0.005) -> subprocess.Popen[str]:
+    folder = str(Path(module.__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "saga_es", "worker", "--definitions", "worker_sagas", *args],
+        env={
+            **os.environ,
+            **env,
+            "PYTHONPATH": os.pathsep.join([folder, *sys.path]),
+            "SIDE_EFFECTS": str(module.LOG),
+            "STEP_PAUSE": str(pause),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def stop(worker: subprocess.Popen[str]) -> str:
+    """SIGTERM, then its whole output; it must exit cleanly."""
+    worker.send_signal(signal.SIGTERM)
+    output, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, output
+    return output
+
+
+@pytest.fixture
+def store() -> str:
+    """Worker processes need a store they can share: PostgreSQL unless a test says otherwise."""
+    return "postgres"
+
+
+# -- submit --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_submit_records_a_pending_saga_and_returns_at_once(
+    app: SagaApplication, sagas_module: Any
+) -> None:
+    saga_id = app.submit(sagas_module.ORDER, {"id": 1})
+    saga = app.get(saga_id)
+    assert (saga.status, saga.version, saga.in_flight) == ("pending", 1, {})
+    assert [r.event for r in app.history(saga_id)] == ["SagaStarted"]
+    assert effects(sagas_module) == []
+    assert app.submit(sagas_module.ORDER, {"id": 2}, key="k") == app.submit(
+        "order", {"id": 3}, key="k"
+    )  # by name too; one saga per key
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_submit_refuses_an_unknown_definition_or_context_and_stores_nothing(
+    app: SagaApplication, sagas_module: Any
+) -> None:
+    with pytest.raises(DefinitionNotFound, match="'nowhere'"):
+        app.submit("nowhere", {})
+    with pytest.raises(ContextError, match="'when'"):
+        app.submit(sagas_module.ORDER, {"when": threading.Lock()})
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_work_runs_submitted_sagas_concurrently_until_idle(
+    app: SagaApplication, sagas_module: Any
+) -> None:
+    ids = [app.submit(sagas_module.ORDER, {"n": n}) for n in range(30)]
+    report = app.work(concurrency=10, until_idle=True)
+    assert sorted(report.resumed) == sorted(ids)
+    assert app.stats() == {("order", "completed"): 30}
+    calls = Counter(key for _, what, key in effects(sagas_module) if what == "do")
+    assert set(calls.values()) == {1}
+    assert len(calls) == 90
+    assert app.verify() == []
+    with pytest.raises(ValueError, match="concurrency"):
+        app.work(concurrency=0)
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+def test_worker_processes_share_the_sagas_and_run_each_step_once(
+    store: str, env: Env, app: SagaApplication, sagas_module: Any
+) -> None:
+    ids = [app.submit(sagas_module.ORDER, {"n": n}) for n in range(120)]
+    workers = [
+        start_worker(env, sagas_module, "--concurrency", "10", "--poll", "0.1") for _ in range(3)
+    ]
+    try:
+        wait_until(lambda: app.stats() == {("order", "completed"): 120})
+    finally:
+        outputs = [stop(worker) for worker in workers]
+
+    calls = effects(sagas_module)
+    done = Counter(key for _, what, key in calls if what == "do")
+    assert len(done) == 360
+    assert set(done.values()) == {1}, "a step ran twice"
+    assert not [c for c in calls if c[1] == "undo"]
+    by_worker = Counter(pid for pid, _, _ in calls)
+    assert set(by_worker) == {w.pid for w in workers}, "every worker took a share"
+    assert all("stopped:" in output for output in outputs)
+    assert sum(int(o.split("stopped: ")[1].split()[0]) for o in outputs) == len(ids)
+    assert app.verify() == []
+
+
+def test_a_stopped_worker_finishes_the_sagas_it_holds_and_takes_no_more(
+    env: Env, app: SagaApplication, sagas_module: Any
+) -> None:
+    ids = [app.submit(sagas_module.ORDER, {"n": n}) for n in range(20)]
+    worker = start_worker(env, sagas_module, "--concurrency", "4", "--poll", "0.1", pause=0.2)
+    wait_until(lambda: len(effects(sagas_module)) >= 4)  # it holds four sagas now
+    output = stop(worker)
+
+    rows = {saga_id: app.get(saga_id).status for saga_id in ids}
+    held = [saga_id for saga_id, status in rows.items() if status != "pending"]
+    assert 4 <= len(held) < len(ids)
+    assert {rows[saga_id] for saga_id in held} == {"completed"}, "it finished what it held"
+    assert f"stopped: {len(held)} saga(s) run" in output
+    assert app.verify() == []
+
+
+def test_a_worker_that_cannot_reach_its_store_retries_with_backoff(
+    env: Env, sagas_module: Any
+) -> None:
+    unreachable = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_HOST": "127.0.0.1",
+        "POSTGRES_PORT": "9",
+        "POSTGRES_USER": "nobody",
+        "POSTGRES_PASSWORD": "x",
+        "POSTGRES_DBNAME": "nothing",
+        "POSTGRES_CONNECT_TIMEOUT": "1",
+    }
+    worker = start_worker(unreachable, sagas_module)
+    time.sleep(2.5)
+    output = stop(worker)
+    attempts = [line for line in output.splitlines() if "cannot reach the store" in line]
+    assert len(attempts) >= 2, output
+    assert "retrying in 0.5s" in attempts[0]
+    assert "retrying in 1.0s" in attempts[1]
+    assert all(line.count("\n") == 0 for line in attempts)
