@@ -181,21 +181,22 @@ class HarnessApp(SagaApplication):
 
     name = SagaApplication.name  # the same tables: on PostgreSQL they are named after it
 
-    def _save(self, saga: Saga) -> Sequence[Saga.Event]:
-        _H.live[saga.id] = saga
-        names = [type(e).__name__ for e in saga.pending_events]
-        if not names:
-            return super()._save(saga)
+    def _write(self, batch: Sequence[tuple[Saga, Sequence[Saga.Event]]]) -> None:
+        """Every commit, sync or group commit, passes here: one batch of sagas' events."""
+        for saga, _ in batch:
+            _H.live[saga.id] = saga
         _point("before-commit")
-        events = super()._save(saga)
-        for event in events:
-            if isinstance(event, Saga.StepStarted):
-                _H.durable[str(saga.id), event.step, ACTION] = event.attempt
-            elif isinstance(event, Saga.CompensationStarted):
-                _H.durable[str(saga.id), event.step, COMPENSATION] = event.attempt
+        super()._write(batch)
+        names = []
+        for saga, events in batch:
+            for event in events:
+                names.append(type(event).__name__)
+                if isinstance(event, Saga.StepStarted):
+                    _H.durable[str(saga.id), event.step, ACTION] = event.attempt
+                elif isinstance(event, Saga.CompensationStarted):
+                    _H.durable[str(saga.id), event.step, COMPENSATION] = event.attempt
         between = "CompensationRan" in names and "CompensationStarted" in names
         _point("between-compensations" if between else "after-commit")
-        return events
 
 
 # -- the callables: every call is one line of the side-effect log ----------------------
