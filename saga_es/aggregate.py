@@ -22,9 +22,23 @@ from saga_es.errors import IllegalTransition
 
 
 class Saga(Aggregate):
-    """One saga's state, rebuilt from its own stream of events."""
+    """One saga's state, rebuilt from its own stream of events.
+
+    `class_version` and the `upcast_v<n>_v<n+1>` methods (here and on the events) let
+    streams and snapshots written by earlier releases read back in today's shape.
+    """
 
     TOPIC = "saga_es:Saga"
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        """Snapshots before parallel groups, fallbacks, deadlines and retries."""
+        state.setdefault("groups", [])
+        state.setdefault("fallback_compensable", [])
+        state.setdefault("deadline", None)
+        state.setdefault("on_fallback", [])
+        state.setdefault("retrying", {})
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -48,6 +62,7 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:SagaStarted"
         trigger = "start_saga"
+        class_version = 2
         name: str
         definition_version: int
         steps: list[str]
@@ -58,6 +73,13 @@ class Saga(Aggregate):
         parallel: list[list[str]] = dataclasses.field(default_factory=list)
         fallback_compensable: list[str] = dataclasses.field(default_factory=list)
         deadline: datetime | None = None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Before parallel groups, fallbacks and deadlines."""
+            state.setdefault("parallel", [])
+            state.setdefault("fallback_compensable", [])
+            state.setdefault("deadline", None)
 
         def evolve(self, saga: Saga) -> None:
             """Record what the saga is made of."""
@@ -79,9 +101,15 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:StepStarted"
         trigger = "start_step"
+        class_version = 2
         step: str
         attempt: int
         fallback: bool = False
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Before fallbacks: every attempt ran the primary action."""
+            state.setdefault("fallback", False)
 
         def evolve(self, saga: Saga) -> None:
             """Mark the step as in flight on this attempt."""
@@ -124,6 +152,7 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:StepFailed"
         trigger = "fail_step"
+        class_version = 2
         step: str
         attempt: int
         error_type: str
@@ -132,6 +161,12 @@ class Saga(Aggregate):
         compensate: bool
         delay: float = 0.0
         breaker: str | None = None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Before retry delays and circuit breakers."""
+            state.setdefault("delay", 0.0)
+            state.setdefault("breaker", None)
 
         def evolve(self, saga: Saga) -> None:
             """Clear the step's flight and keep the error for readers."""
@@ -205,12 +240,18 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:CompensationFailed"
         trigger = "fail_compensation"
+        class_version = 2
         step: str
         attempt: int
         error_type: str
         error_message: str
         will_retry: bool
         delay: float = 0.0
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Before retry delays."""
+            state.setdefault("delay", 0.0)
 
         def evolve(self, saga: Saga) -> None:
             """Clear the compensation's flight; a final failure awaits a person."""

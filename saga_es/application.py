@@ -34,7 +34,7 @@ from eventsourcing.persistence import (
 from eventsourcing.popo import POPOFactory
 from eventsourcing.utils import EnvType, TopicError, resolve_topic
 
-from saga_es import compat, recovery, runner
+from saga_es import compat, recovery, runner, tracing
 from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.commits import GroupCommit
@@ -253,11 +253,13 @@ class SagaApplication(Application[UUID]):
     def run(self, definition: SagaDefinition, context: Any, *, key: str | None = None) -> Saga:
         """Run a saga to its end and return it; with a known `key`, return that saga."""
         saga = self._start(definition, context, key)
+        clock = self.clock
         if saga.pending_events:
             if not self._save_start(saga):
                 return self.get(saga.id)
             try:
-                runner.run(saga, definition, self._save, self._check_encodable, clock=self.clock)
+                with tracing.saga_span(saga, "run"):
+                    runner.run(saga, definition, self._save, self._check_encodable, clock=clock)
             except IntegrityError:
                 return self._taken_over(saga)
         return saga
@@ -372,8 +374,9 @@ class SagaApplication(Application[UUID]):
         yield events, saga
         try:
             check, clock = self._check_encodable, self.clock
-            async for events in runner.arun(saga, definition, self._asave, check, clock=clock):
-                yield events, saga
+            with tracing.saga_span(saga, "arun"):
+                async for events in runner.arun(saga, definition, self._asave, check, clock=clock):
+                    yield events, saga
         except IntegrityError:
             yield [], await asyncio.to_thread(self._taken_over, saga)
 
@@ -485,7 +488,12 @@ class SagaApplication(Application[UUID]):
                 self.recorder.insert_events(stored, saga_statuses=statuses)
             else:
                 self.recorder.insert_events(stored)
-            return
+        else:
+            self._save_fully(batch)
+        _log_events(batch)
+
+    def _save_fully(self, batch: Sequence[tuple[Saga, Sequence[Saga.Event]]]) -> None:
+        """`Application.save`'s own path: hooks, cache and snapshots see every save."""
         processing_event: ProcessingEvent[UUID] = ProcessingEvent()  # not [UUID](): ~0.4 µs
         for saga, events in batch:
             processing_event.events.extend(events)
@@ -772,6 +780,54 @@ class SagaApplication(Application[UUID]):
         if not last:
             raise SagaNotFound(saga_id)
         return last[0].originator_version
+
+
+_LEVELS = {
+    "SagaCompleted": logging.INFO,
+    "SagaCompensated": logging.INFO,
+    "SagaResolved": logging.INFO,
+    "StepFailed": logging.WARNING,
+    "CompensationFailed": logging.WARNING,
+    "SagaStuck": logging.ERROR,
+    "SagaTimedOut": logging.WARNING,
+}
+
+
+def _log_events(batch: Sequence[tuple[Saga, Sequence[Saga.Event]]]) -> None:
+    """One log record per durable event, with the saga id, step and attempt as fields.
+
+    A saga's end is INFO, a failure WARNING, a stuck saga ERROR, every other event DEBUG.
+    """
+    for saga, events in batch:
+        for event in events:
+            name = type(event).__name__
+            level = _LEVELS.get(name, logging.DEBUG)
+            if not log.isEnabledFor(level):
+                continue
+            data = vars(event)
+            step, attempt = data.get("step"), data.get("attempt")
+            error = (
+                f" {data['error_type']}: {data['error_message']}" if "error_type" in data else ""
+            )
+            where = (
+                f" {step}" + (f" attempt {attempt}" if attempt is not None else "") if step else ""
+            )
+            log.log(
+                level,
+                "saga %s %s v%s: %s%s%s",
+                saga.name,
+                saga.id,
+                event.originator_version,
+                name,
+                where,
+                error,
+                extra={
+                    "saga_id": str(saga.id),
+                    "saga_name": saga.name,
+                    "step": step,
+                    "attempt": attempt,
+                },
+            )
 
 
 def _as_uuid(saga_id: UUID | str) -> UUID:

@@ -21,7 +21,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
-from saga_es import machine, runner
+from saga_es import machine, runner, tracing
 from saga_es.aggregate import Saga, StreamProblem, replay_checked, verify_events
 from saga_es.definition import SagaDefinition
 from saga_es.errors import SagaError, SagaNotFound
@@ -116,9 +116,10 @@ def _recover_one(
         return
     saga, definition = prepared
     try:
-        first = runner.resume(saga, definition)
-        app._save(saga)  # the fencing point: this append must win the version check
-        runner.run(saga, definition, app._save, app._check_encodable, first, app.clock)
+        with tracing.saga_span(saga, "recover"):
+            first = runner.resume(saga, definition)
+            app._save(saga)  # the fencing point: this append must win the version check
+            runner.run(saga, definition, app._save, app._check_encodable, first, app.clock)
     except IntegrityError:
         _lost(report, saga)
         return
@@ -137,11 +138,12 @@ async def recover_one_async(
         return
     saga, definition = prepared
     try:
-        first = runner.resume(saga, definition)
-        await app._asave(saga)  # the fencing point, as above
-        check, clock = app._check_encodable, app.clock
-        async for _ in runner.arun(saga, definition, app._asave, check, first, clock):
-            pass
+        with tracing.saga_span(saga, "work"):
+            first = runner.resume(saga, definition)
+            await app._asave(saga)  # the fencing point, as above
+            check, clock = app._check_encodable, app.clock
+            async for _ in runner.arun(saga, definition, app._asave, check, first, clock):
+                pass
     except IntegrityError:
         _lost(report, saga)
         return

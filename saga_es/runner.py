@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypedDict
 
+from saga_es import tracing
 from saga_es.aggregate import Saga
 from saga_es.breaker import OPEN
 from saga_es.clock import SYSTEM_CLOCK, Clock
@@ -461,6 +462,15 @@ def _breaker_of(call: Call) -> Any:
 
 def invoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
     """Run the call on a fresh copy of the recorded context, blocking."""
+    if tracing._tracer is None:
+        return _invoke(call, saga, clock)
+    with tracing.attempt_span(saga, call.step.name, call.kind, call.attempt) as span:
+        outcome = _invoke(call, saga, clock)
+        tracing.record_outcome(span, outcome.error)
+        return outcome
+
+
+def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
     step = call.step
     if step.breaker is None and step.timeout is None and saga.deadline is None:
         base = saga.context_state  # no policy needs the clock: the common, fast path
@@ -510,6 +520,15 @@ def invoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
 
 async def ainvoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
     """Run the call on a fresh copy of the recorded context; sync code goes to a thread."""
+    if tracing._tracer is None:
+        return await _ainvoke(call, saga, clock)
+    with tracing.attempt_span(saga, call.step.name, call.kind, call.attempt) as span:
+        outcome = await _ainvoke(call, saga, clock)
+        tracing.record_outcome(span, outcome.error)
+        return outcome
+
+
+async def _ainvoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
     breaker = _breaker_of(call)
     if breaker is not None and not breaker.allow(clock.monotonic()):
         return Outcome(error=CircuitOpen(breaker.name), breaker=OPEN)

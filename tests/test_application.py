@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from eventsourcing.application import Application
+from eventsourcing.persistence import StoredEvent
 from pgserver import PgServer, free_port
 
 from saga_es import (
@@ -19,6 +21,7 @@ from saga_es import (
     SagaApplication,
     SagaDefinition,
     SagaNotFound,
+    SagaStatus,
     SagaUpdate,
     Step,
     VersionNotFound,
@@ -393,3 +396,133 @@ def test_an_unusable_sqlite_file_is_a_configuration_error(tmp_path: Path) -> Non
     with pytest.raises(ConfigurationError) as caught:
         SagaApplication(env=env)
     assert caught.value.setting == "SQLITE_DBNAME"
+
+
+# -- versioning: streams written by the first release read back in today's shape -----------
+
+V2_FIELDS = {
+    "saga_es:SagaStarted": ("parallel", "fallback_compensable", "deadline"),
+    "saga_es:StepStarted": ("fallback",),
+    "saga_es:StepFailed": ("delay", "breaker"),
+    "saga_es:CompensationFailed": ("delay",),
+}
+
+
+def _as_first_release(app: SagaApplication, stored: StoredEvent) -> StoredEvent:
+    """The stored event as release 1 wrote it: no class_version, none of the v2 fields."""
+    state = json.loads(stored.state)
+    state.pop("class_version", None)
+    for name in V2_FIELDS.get(stored.topic, ()):
+        state.pop(name)
+    return StoredEvent(
+        originator_id=stored.originator_id,
+        originator_version=stored.originator_version,
+        topic=stored.topic,
+        state=json.dumps(state).encode(),
+    )
+
+
+def test_events_in_the_first_releases_shape_are_upcast_and_resumed(
+    app: SagaApplication, open_app: Callable[[Env], SagaApplication], env: Env
+) -> None:
+    ran: list[str] = []
+
+    def step(name: str) -> Step:
+        return Step(name, lambda context, key: ran.append(name), lambda context, key: None)
+
+    definition = SagaDefinition("legacy", [step("a"), step("b"), step("c")])
+    saga = Saga.start(
+        id=uuid4(),
+        name="legacy",
+        definition_version=1,
+        steps=["a", "b", "c"],
+        compensable=["a", "b", "c"],
+        key=None,
+        context_type="builtins:dict",
+        context={"order": 7},
+    )
+    saga.start_step("a", 1)
+    saga.fail_step("a", 1, error_type="Timeout", error_message="slow", will_retry=True)
+    saga.start_step("a", 2)
+    saga.complete_step("a", 2, changes={"a": 1}, removed=[])
+    saga.start_step("b", 1)  # the worker died here, under release 1
+    old = [_as_first_release(app, app.mapper.to_stored_event(e)) for e in saga.collect_events()]
+    assert all(b"class_version" not in s.state and b"fallback" not in s.state for s in old)
+    rows = {"saga_statuses": [SagaStatus.of(saga)]} if app._keeps_statuses else {}
+    app.recorder.insert_events(old, **rows)  # POPO takes its status rows from the writer
+
+    read = app.get(saga.id)
+    assert (read.status, read.in_flight) == ("running", {"b": 1})
+    assert (read.groups, read.deadline, read.retrying) == ([], None, {})
+    events = app.saga_events(saga.id)
+    failed = events[2]
+    assert isinstance(failed, Saga.StepFailed)
+    assert (failed.delay, failed.breaker) == (0.0, None)
+    assert [e.fallback for e in events if isinstance(e, Saga.StepStarted)] == [False] * 3
+    assert [r.event for r in app.history(saga.id)][-1] == "StepStarted"
+
+    worker = app if env["PERSISTENCE_MODULE"].endswith("popo") else open_app(env)
+    worker.register(definition)
+    worker.default_step_timeout = 0  # its worker is gone: take it over at once
+    report = worker.recover()
+    assert report.resumed == [saga.id], report
+    assert ran == ["b", "c"]
+    assert worker.get(saga.id).status == "completed"
+    assert worker.verify() == []
+
+
+def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
+    saga = Saga.start(
+        id=uuid4(),
+        name="legacy",
+        definition_version=1,
+        steps=["a"],
+        compensable=[],
+        key=None,
+        context_type="builtins:dict",
+        context={},
+    )
+    snapshot = Saga.Snapshot.take(saga)
+    state = dict(snapshot.state)
+    assert state.pop("class_version") == 2
+    for name in ("groups", "fallback_compensable", "deadline", "on_fallback", "retrying"):
+        del state[name]
+    old = Saga.Snapshot(
+        originator_id=snapshot.originator_id,
+        originator_version=snapshot.originator_version,
+        timestamp=snapshot.timestamp,
+        topic=snapshot.topic,
+        state=state,
+    )
+    restored = old.mutate(None)
+    assert (restored.groups, restored.on_fallback, restored.retrying) == ([], [], {})
+    restored.start_step("a", 1)
+    assert restored.in_flight == {"a": 1}
+
+
+def test_every_event_is_logged_with_its_saga_step_and_attempt(
+    app: SagaApplication, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(context: Any, key: str) -> None:
+        raise ValueError("declined")
+
+    definition = SagaDefinition(
+        "logged", [Step("reserve", lambda c, k: None, lambda c, k: None), Step("pay", refuse)]
+    )
+    with caplog.at_level(logging.DEBUG, logger="saga_es"):
+        saga = app.run(definition, {"secret": "4111-1111"})
+    records = [r for r in caplog.records if getattr(r, "saga_id", None) == str(saga.id)]
+    assert [r.getMessage().split(": ", 1)[1] for r in records] == [
+        "SagaStarted",
+        "StepStarted reserve attempt 1",
+        "StepCompleted reserve attempt 1",
+        "StepStarted pay attempt 1",
+        "StepFailed pay attempt 1 ValueError: declined",
+        "CompensationStarted reserve attempt 1",
+        "CompensationRan reserve attempt 1",
+        "SagaCompensated",
+    ]
+    assert [(r.step, r.attempt) for r in records][4] == ("pay", 1)
+    assert [r.levelname for r in records][4::3] == ["WARNING", "INFO"]
+    assert all(r.saga_name == "logged" for r in records)
+    assert not any("4111" in r.getMessage() for r in caplog.records), "contexts are not logged"
