@@ -52,6 +52,7 @@ from saga_es.errors import (
     VersionNotFound,
 )
 from saga_es.history import HistoryRecord, records
+from saga_es.machine import NEW, STATES
 from saga_es.popo import POPOSagaRecorder
 from saga_es.recovery import RecoveryReport
 from saga_es.settings import (
@@ -673,7 +674,7 @@ class SagaApplication(Application[UUID]):
         """Replay every stored stream through the state machine; what it would refuse."""
         return recovery.verify(self)
 
-    def statuses(
+    def sagas(
         self,
         *,
         status: str | Sequence[str] = (),
@@ -681,15 +682,30 @@ class SagaApplication(Application[UUID]):
         key: str | None = None,
         started_after: datetime | None = None,
         started_before: datetime | None = None,
-        after: UUID | None = None,
+        after: UUID | str | None = None,
         limit: int = 100,
     ) -> list[SagaStatus]:
-        """Rows of the status projection matching every filter, oldest first.
+        """The sagas matching every filter, oldest first, one page of status rows.
 
-        Paginate with `after=` the last row's `saga_id`.
+        Answered from the status projection, never by replaying streams; page on with
+        `after=` the last row's `saga_id`. An unknown status or a malformed cursor is a
+        `ValueError` naming it.
         """
+        statuses = (status,) if isinstance(status, str) else tuple(status)
+        unknown = [s for s in statuses if s not in STATES or s == NEW]
+        if unknown:
+            raise ValueError(
+                f"unknown saga status {unknown[0]!r}; expected one of {', '.join(STATES[1:])}"
+            )
+        if after is not None and not isinstance(after, UUID):
+            try:
+                after = UUID(str(after))
+            except ValueError:
+                raise ValueError(f"after= must be a saga id (a UUID), got {after!r}") from None
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         query = StatusQuery(
-            statuses=(status,) if isinstance(status, str) else tuple(status),
+            statuses=statuses,
             name=name,
             key=key,
             started_after=started_after,
@@ -698,6 +714,9 @@ class SagaApplication(Application[UUID]):
             limit=limit,
         )
         return self._status_recorder.select_statuses(query)
+
+    statuses = sagas
+    """`sagas` under the name of the projection it reads."""
 
     def stats(self) -> dict[tuple[str, str], int]:
         """How many sagas there are per (definition name, status), from the projection."""
@@ -730,11 +749,8 @@ class SagaApplication(Application[UUID]):
             )
         return self.recorder
 
-    def sagas(self) -> Iterator[Saga]:
-        """Every saga in the store, in the order they were started."""
-        return self._all_sagas()
-
-    def _all_sagas(self) -> Iterator[Saga]:
+    def all_sagas(self) -> Iterator[Saga]:
+        """Every saga in the store, rebuilt, in the order they were started (reads every stream)."""
         start: int | None = None
         while True:
             page = self.recorder.select_notifications(

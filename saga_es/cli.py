@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -147,6 +148,66 @@ def list_(
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c]) if row[c] is not None else "" for c in row))
+    _console().print(table)
+
+
+@cli.command()
+@_db_option
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(list(STATES[1:])),
+    help="Only sagas in this state. Repeatable.",
+)
+@click.option("--name", default=None, help="Only sagas of this definition name.")
+@click.option(
+    "--since", type=click.DateTime(), default=None, help="Only sagas started at or after this."
+)
+@click.option(
+    "--until", type=click.DateTime(), default=None, help="Only sagas started before this."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def stats(
+    db: str | None,
+    statuses: tuple[str, ...],
+    name: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    as_json: bool,
+) -> None:
+    """Count sagas per definition and status, from the status projection."""
+    with _app(db) as app:
+        if not (statuses or name or since or until):
+            counts = app.stats()
+        else:
+            counts = Counter()
+            after = None
+            while True:
+                page = app.sagas(
+                    status=statuses,
+                    name=name,
+                    started_after=since,
+                    started_before=until,
+                    after=after,
+                    limit=1000,
+                )
+                counts.update((row.name, row.status) for row in page)
+                if len(page) < 1000:
+                    break
+                after = page[-1].saga_id
+    rows = [
+        {"name": name_, "status": status, "count": count}
+        for (name_, status), count in sorted(counts.items())
+    ]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(title=f"{sum(counts.values())} saga(s)", title_justify="left")
+    for column in ("name", "status", "count"):
+        table.add_column(column, justify="right" if column == "count" else "left")
+    for row in rows:
+        table.add_row(str(row["name"]), str(row["status"]), str(row["count"]))
     _console().print(table)
 
 

@@ -242,10 +242,10 @@ def test_history_is_every_event_in_order(app: SagaApplication) -> None:
 
 
 def test_sagas_lists_every_saga_in_the_order_started(app: SagaApplication) -> None:
-    assert list(app.sagas()) == []
+    assert list(app.all_sagas()) == []
     definition = Counter(("a",)).definition
     ids = [app.run(definition, {"n": n}).id for n in range(105)]  # more than one page
-    listed = list(app.sagas())
+    listed = list(app.all_sagas())
     assert [s.id for s in listed] == ids
     assert [s.context["n"] for s in listed] == list(range(105))
     assert {s.status for s in listed} == {"completed"}
@@ -280,7 +280,7 @@ def test_starting_twice_with_the_same_key_returns_the_first_saga(app: SagaApplic
     other = app.run(counter.definition, {}, key="order-43")
     assert other.id != first.id
     assert counter.calls == ["reserve", "charge"] * 2
-    assert len(list(app.sagas())) == 2
+    assert len(list(app.all_sagas())) == 2
 
 
 def test_a_key_is_scoped_to_the_definition_name(app: SagaApplication) -> None:
@@ -318,7 +318,7 @@ def test_a_second_application_reads_what_the_first_wrote(
     done = app.run(Counter().definition, {"who": "ada"})
     undone = app.run(Counter(("reserve", "fail")).definition, {"who": "blaise"})
     later = open_app(env)
-    assert [s.id for s in later.sagas()] == [done.id, undone.id]
+    assert [s.id for s in later.all_sagas()] == [done.id, undone.id]
     for saga in (done, undone):
         stored = later.get(saga.id)
         assert stored.status == saga.status
@@ -526,3 +526,22 @@ def test_every_event_is_logged_with_its_saga_step_and_attempt(
     assert [r.levelname for r in records][4::3] == ["WARNING", "INFO"]
     assert all(r.saga_name == "logged" for r in records)
     assert not any("4111" in r.getMessage() for r in caplog.records), "contexts are not logged"
+
+
+def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
+    app: SagaApplication,
+) -> None:
+    definition = SagaDefinition("listed", [Step("a", lambda c, k: None)])
+    ids = [app.run(definition, {}, key=str(n)).id for n in range(5)]
+    first = app.sagas(limit=2)
+    assert [row.saga_id for row in first] == ids[:2]
+    rest = app.sagas(after=str(first[-1].saga_id), limit=10)  # a cursor as typed on a CLI
+    assert [row.saga_id for row in rest] == ids[2:]
+    assert [row.saga_id for row in app.sagas(key="3")] == [ids[3]]
+    assert app.sagas(status="completed", name="listed") == app.statuses(limit=100)
+    with pytest.raises(ValueError, match="unknown saga status 'done'"):
+        app.sagas(status=["completed", "done"])
+    with pytest.raises(ValueError, match="after= must be a saga id"):
+        app.sagas(after="page-2")
+    with pytest.raises(ValueError, match="limit"):
+        app.sagas(limit=0)

@@ -28,7 +28,7 @@ def test_demo_tells_the_trip_story_and_stores_both_sagas(tmp_path: Path) -> None
     assert out.index("book_flight", tickets) > tickets
 
     with SagaApplication(env=_sqlite(db)) as app:
-        sagas = list(app.sagas())
+        sagas = list(app.all_sagas())
     assert [s.status for s in sagas] == ["completed", "compensated"]
     assert sagas[1].compensated == ["book_tickets", "book_flight"]
     assert sagas[1].context.cancelled[0].startswith("tickets ")
@@ -121,7 +121,7 @@ def test_unknown_id_and_bad_version_are_one_line_errors(tmp_path: Path) -> None:
         "saga-es: no saga with id 00000000-0000-0000-0000-000000000001"
     ]
     with SagaApplication(env=_sqlite(db)) as app:
-        saga_id = str(next(app.sagas()).id)
+        saga_id = str(next(app.all_sagas()).id)
     beyond = runner.invoke(cli, ["show", saga_id, "--db", str(db), "--at", "99"])
     assert beyond.exit_code == 1
     assert "there is no version 99" in beyond.output
@@ -383,3 +383,24 @@ def test_export_writes_json_and_a_self_contained_html_report(tmp_path: Path) -> 
     )
     assert missing.exit_code == 1
     assert "no saga with id" in missing.output
+
+
+def test_stats_counts_per_definition_and_status(tmp_path: Path) -> None:
+    db = tmp_path / "trips.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+
+    counted = runner.invoke(cli, ["stats", "--db", str(db), "--json"])
+    assert counted.exit_code == 0, counted.output
+    assert json.loads(counted.output) == [
+        {"name": "trip", "status": "compensated", "count": 1},
+        {"name": "trip", "status": "completed", "count": 1},
+    ]
+    only = runner.invoke(cli, ["stats", "--db", str(db), "--json", "--status", "completed"])
+    assert json.loads(only.output) == [{"name": "trip", "status": "completed", "count": 1}]
+    none = runner.invoke(cli, ["stats", "--db", str(db), "--json", "--name", "other"])
+    assert json.loads(none.output) == []
+    table = runner.invoke(cli, ["stats", "--db", str(db)])
+    assert "2 saga(s)" in table.output
+    bad = runner.invoke(cli, ["stats", "--db", str(db), "--status", "lost"])
+    assert bad.exit_code == 2

@@ -212,7 +212,7 @@ def test_an_unserialisable_context_is_refused_at_start_naming_the_field(
     assert isinstance(error, SagaError)
     assert isinstance(error, TypeError)
     assert calls == []
-    assert list(app.sagas()) == []
+    assert list(app.all_sagas()) == []
     with pytest.raises(SagaNotFound):
         app.get(SagaApplication.saga_id("bad", "k1"))
 
@@ -228,7 +228,7 @@ def test_arun_and_stream_refuse_an_unserialisable_context_too(app: SagaApplicati
         asyncio.run(app.arun(definition, {"when": object()}))
     with pytest.raises(ContextError, match="'when'"):
         asyncio.run(stream())
-    assert list(app.sagas()) == []
+    assert list(app.all_sagas()) == []
 
 
 @pytest.mark.parametrize("context", [[1, 2], 42, "text", None])
@@ -236,7 +236,7 @@ def test_a_context_must_be_a_dict_dataclass_or_model(context: Any, app: SagaAppl
     definition = SagaDefinition("bad", [Step("a", lambda c, k: None)])
     with pytest.raises(ContextError, match="dict, a dataclass or a pydantic model"):
         app.run(definition, context)
-    assert list(app.sagas()) == []
+    assert list(app.all_sagas()) == []
 
 
 def test_a_context_whose_type_cannot_be_found_again_is_refused(app: SagaApplication) -> None:
@@ -247,7 +247,7 @@ def test_a_context_whose_type_cannot_be_found_again_is_refused(app: SagaApplicat
     definition = SagaDefinition("bad", [Step("a", lambda c, k: None)])
     with pytest.raises(ContextError, match="cannot be found again"):
         app.run(definition, Local(1))
-    assert list(app.sagas()) == []
+    assert list(app.all_sagas()) == []
 
 
 @pytest.mark.parametrize(
