@@ -39,6 +39,7 @@ class Saga(Aggregate):
         state.setdefault("deadline", None)
         state.setdefault("on_fallback", [])
         state.setdefault("retrying", {})
+        state.setdefault("resumptions", {})
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -113,6 +114,8 @@ class Saga(Aggregate):
 
         def evolve(self, saga: Saga) -> None:
             """Mark the step as in flight on this attempt."""
+            if self.step in saga.in_flight:  # a resumption: the last attempt's outcome is lost
+                saga.resumptions[self.step] = saga.resumptions.get(self.step, 0) + 1
             saga.in_flight[self.step] = self.attempt
             saga.attempts[self.step] = self.attempt
             saga.retrying.pop(self.step, None)
@@ -212,6 +215,9 @@ class Saga(Aggregate):
 
         def evolve(self, saga: Saga) -> None:
             """Mark the compensation in flight; earlier-ordered ones stay closed."""
+            if self.step in saga.compensating:
+                key = f"compensation:{self.step}"
+                saga.resumptions[key] = saga.resumptions.get(key, 0) + 1
             saga.compensating[self.step] = self.attempt
             saga.compensation_attempts[self.step] = self.attempt
             saga.retrying.pop(self.step, None)
@@ -322,13 +328,28 @@ class Saga(Aggregate):
         reason: str
 
         def evolve(self, saga: Saga) -> None:
-            """Lift the halt; a step undone by hand counts as compensated."""
+            """Lift the halt; a step undone by hand counts as compensated.
+
+            For a poison step (its attempt still in flight), `mark-compensated` closes
+            that attempt: the person says it left no effect, or undid it.
+            """
             saga.compensation_failure = None
-            if self.action == machine.MARK_COMPENSATED:
-                saga.compensated.append(self.step)
+            if self.action != machine.MARK_COMPENSATED:
+                return
+            if self.step in saga.in_flight:
+                del saga.in_flight[self.step]
+                saga.retrying.clear()
+                return
+            saga.compensating.pop(self.step, None)
+            saga.compensated.append(self.step)
 
     class SagaStuck(Event):
-        """A compensation could not run: a person must finish the saga."""
+        """A person must finish the saga.
+
+        Either a compensation exhausted its tries, or a step's (or compensation's)
+        outcome stayed unknown through too many resumptions: a poison step, whose
+        attempt is left in flight for `resolve` to re-run or close.
+        """
 
         TOPIC = "saga_es:SagaStuck"
         trigger = "halt_saga"
@@ -369,6 +390,9 @@ class Saga(Aggregate):
         self.deadline: datetime | None = None
         self.on_fallback: list[str] = []
         self.retrying: dict[str, float] = {}
+        self.resumptions: dict[str, int] = {}
+        """Attempts started over one whose outcome was lost, per step (`compensation:<step>`
+        for compensations): what makes a poison step."""
 
     # -- commands: each is one legal move, recorded as one event ----------------------
 

@@ -59,11 +59,13 @@ from saga_es.settings import (
     DEFAULT_STEP_TIMEOUT,
     SAGA_COMMIT_MAX_BATCH,
     SAGA_COMMIT_MAX_WAIT,
+    SAGA_MAX_RESUMPTIONS,
     SAGA_STEP_TIMEOUT,
     commit_settings,
     configuration_error,
     step_timeout,
 )
+from saga_es.settings import max_resumptions as max_resumptions_setting
 from saga_es.status import SagaStatus, StatusQuery, StatusRecorder
 
 log = logging.getLogger("saga_es")
@@ -151,6 +153,8 @@ class SagaApplication(Application[UUID]):
     DEFAULT_STEP_TIMEOUT = DEFAULT_STEP_TIMEOUT
     SAGA_COMMIT_MAX_BATCH = SAGA_COMMIT_MAX_BATCH
     """Setting: most sagas' boundaries written by one group commit (default 100)."""
+    SAGA_MAX_RESUMPTIONS = SAGA_MAX_RESUMPTIONS
+    """Setting: times recovery re-runs a step whose outcome was lost (default 3)."""
     SAGA_COMMIT_MAX_WAIT = SAGA_COMMIT_MAX_WAIT
     """Setting: seconds a group commit waits for more boundaries (default 0: none)."""
 
@@ -161,6 +165,7 @@ class SagaApplication(Application[UUID]):
         definitions: Iterable[SagaDefinition] = (),
         default_step_timeout: float | None = None,
         clock: Clock | None = None,
+        max_resumptions: int | None = None,
     ) -> None:
         """Open the store; `clock` is where retry waits, breakers and deadlines read time.
 
@@ -179,6 +184,8 @@ class SagaApplication(Application[UUID]):
             raise configuration_error(e, settings) from None
         self.default_step_timeout = step_timeout(default_step_timeout, settings)
         self.clock: Clock = clock or SYSTEM_CLOCK
+        self.max_resumptions = max_resumptions_setting(max_resumptions, settings)
+        """Times recovery re-runs a step whose outcome was lost, then the saga is stuck."""
         self.commit_max_batch, self.commit_max_wait = commit_settings(settings)
         self._group_commits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit] = (
             weakref.WeakKeyDictionary()

@@ -241,15 +241,35 @@ def _compensation_failed(ev: Any) -> bool:
     return True
 
 
+def _poisoned(ev: Any) -> bool:
+    """A step or compensation whose outcome stayed unknown through too many resumptions."""
+    probe: _Probe = ev.model
+    saga = probe.saga
+    step = ev.kwargs.get("step")
+    if step in saga.in_flight or step in saga.compensating:
+        return True
+    if probe.reason:  # keep why the usual halt was refused: it says more
+        return False
+    return _refuse(probe, f"step {step!r} is not in flight")
+
+
 def _resolvable(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
     action = ev.kwargs.get("action")
     if action not in RESOLUTIONS:
         return _refuse(probe, f"resolve with one of {', '.join(RESOLUTIONS)}, not {action!r}")
-    if ev.kwargs.get("step") != saga.compensation_failure:
+    step = ev.kwargs.get("step")
+    if step in saga.in_flight or step in saga.compensating:
+        return True  # a poison step
+    if step != saga.compensation_failure:
         return _refuse(probe, f"the compensation that failed is {saga.compensation_failure!r}")
     return True
+
+
+def _resumes_forward(ev: Any) -> bool:
+    """Retrying a poison step of a saga still going forward goes on forward."""
+    return ev.kwargs.get("action") == RETRY and ev.kwargs.get("step") in ev.model.saga.in_flight
 
 
 TRANSITIONS: list[dict[str, Any]] = [
@@ -344,6 +364,24 @@ TRANSITIONS: list[dict[str, Any]] = [
         "source": COMPENSATING,
         "dest": STUCK,
         "conditions": _compensation_failed,
+    },
+    {
+        "trigger": "halt_saga",
+        "source": COMPENSATING,
+        "dest": STUCK,
+        "conditions": _poisoned,
+    },
+    {
+        "trigger": "halt_saga",
+        "source": RUNNING,
+        "dest": STUCK,
+        "conditions": _poisoned,
+    },
+    {
+        "trigger": "resolve_saga",
+        "source": STUCK,
+        "dest": RUNNING,
+        "conditions": [_resolvable, _resumes_forward],
     },
     {
         "trigger": "resolve_saga",

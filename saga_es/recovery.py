@@ -117,7 +117,7 @@ def _recover_one(
     saga, definition = prepared
     try:
         with tracing.saga_span(saga, "recover"):
-            first = runner.resume(saga, definition)
+            first = runner.resume(saga, definition, app.max_resumptions)
             app._save(saga)  # the fencing point: this append must win the version check
             runner.run(saga, definition, app._save, app._check_encodable, first, app.clock)
     except IntegrityError:
@@ -139,7 +139,7 @@ async def recover_one_async(
     saga, definition = prepared
     try:
         with tracing.saga_span(saga, "work"):
-            first = runner.resume(saga, definition)
+            first = runner.resume(saga, definition, app.max_resumptions)
             await app._asave(saga)  # the fencing point, as above
             check, clock = app._check_encodable, app.clock
             async for _ in runner.arun(saga, definition, app._asave, check, first, clock):

@@ -35,7 +35,7 @@ from saga_es.errors import (
     StepCancelled,
     StepTimeout,
 )
-from saga_es.machine import COMPENSATING, PENDING, RUNNING
+from saga_es.machine import COMPENSATING, PENDING, RUNNING, STUCK
 
 Save = Callable[[Saga], Sequence[Saga.Event]]
 """Saves a saga's pending events in one transaction and returns them."""
@@ -128,13 +128,16 @@ def begin(saga: Saga) -> None:
     _advance(saga, None)
 
 
-def resume(saga: Saga, definition: SagaDefinition) -> list[Call]:
+def resume(
+    saga: Saga, definition: SagaDefinition, max_resumptions: int | None = None
+) -> list[Call]:
     """Append what resuming an interrupted saga starts with; maybe reconciles to call first.
 
     A call whose start is recorded but whose outcome is not may or may not have taken
     effect: its step's recovery policy decides (re-run it as a new attempt, fail it,
     fail and compensate it, or ask its reconcile function). A retry that was waiting
-    for its delay starts at once.
+    for its delay starts at once. A call re-run `max_resumptions` times already whose
+    outcome is lost again is a poison step: the saga is stuck, for a person to resolve.
     """
     if saga.status == PENDING:
         _advance(saga, None)
@@ -146,6 +149,10 @@ def resume(saga: Saga, definition: SagaDefinition) -> list[Call]:
                 _fail_unknown(saga, definition.step(step), attempt, str(policies[step]))
             _compensate_next(saga)
             return []
+        for step, attempt in flying:
+            if policies[step] == RETRY and _poisoned(saga, step, max_resumptions):
+                saga.halt(step, **_poison(step, attempt, saga.resumptions.get(step, 0)))
+                return []
         calls = []
         for step, attempt in flying:
             fallback = step in saga.on_fallback
@@ -169,6 +176,10 @@ def resume(saga: Saga, definition: SagaDefinition) -> list[Call]:
                 fallback = step in saga.on_fallback
                 return [Call(definition.step(step), RECONCILE_COMPENSATION, attempt, key, fallback)]
             if policy == RETRY:
+                if _poisoned(saga, f"compensation:{step}", max_resumptions):
+                    done = saga.resumptions.get(f"compensation:{step}", 0)
+                    saga.halt(step, **_poison(f"the compensation of {step!r}", attempt, done))
+                    return []
                 saga.start_compensation(step, attempt + 1)
             else:
                 assert policy == FAIL
@@ -180,7 +191,9 @@ def resume(saga: Saga, definition: SagaDefinition) -> list[Call]:
 
 
 def next_calls(saga: Saga, definition: SagaDefinition) -> list[Call]:
-    """The calls whose start is recorded but whose outcome is not."""
+    """The calls whose start is recorded but whose outcome is not (none once stuck)."""
+    if saga.status == STUCK:  # a poison step stays in flight for a person to resolve
+        return []
     fallbacks = saga.on_fallback
     if saga.in_flight:
         return [
@@ -278,10 +291,35 @@ def restart(saga: Saga, now: datetime | None = None) -> None:
 
 
 def resolve(saga: Saga, action: str, *, by: str, reason: str) -> None:
-    """Append a person's resolution of a stuck saga and the compensation that follows."""
-    step = saga.compensation_failure or saga.step or ""
+    """Append a person's resolution of a stuck saga and what follows it.
+
+    A failed compensation is run again or counted as done by hand, then compensation
+    goes on. A poison step is run again as a new attempt (`retry`), or counted as
+    having left no effect (`mark-compensated`) so the saga compensates what came before.
+    """
+    flying = [*saga.in_flight, *saga.compensating]
+    step = saga.compensation_failure or (flying[0] if flying else saga.step) or ""
     saga.resolve(step, action=action, by=by, reason=reason)
-    _compensate_next(saga)
+    if step in saga.in_flight:  # retry of a poison step: a new attempt, same key
+        saga.start_step(step, saga.in_flight[step] + 1, fallback=step in saga.on_fallback)
+    elif step in saga.compensating:
+        saga.start_compensation(step, saga.compensating[step] + 1)
+    else:
+        _compensate_next(saga)
+
+
+def _poisoned(saga: Saga, key: str, max_resumptions: int | None) -> bool:
+    return max_resumptions is not None and saga.resumptions.get(key, 0) >= max_resumptions
+
+
+def _poison(what: str, attempt: int, resumptions: int) -> _ErrorFields:
+    return {
+        "error_type": "PoisonStep",
+        "error_message": (
+            f"{what if what.startswith('the ') else repr(what)} lost its outcome again on "
+            f"attempt {attempt}, after {resumptions} resumption(s): left for a person to resolve"
+        ),
+    }
 
 
 def cancelled(saga: Saga, call: Call, cause: str) -> None:

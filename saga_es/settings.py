@@ -92,3 +92,24 @@ def commit_settings(env: Environment) -> tuple[int, float]:
             SAGA_COMMIT_MAX_WAIT, f"expected seconds between 0 and 10, got {raw_wait!r}"
         )
     return batch, wait
+
+
+SAGA_MAX_RESUMPTIONS = "SAGA_MAX_RESUMPTIONS"
+"""Times recovery re-runs a step whose outcome was lost before calling it a poison step."""
+DEFAULT_MAX_RESUMPTIONS = 3
+
+
+def max_resumptions(given: int | None, env: Environment) -> int:
+    """The poison-step bound: the argument, else `SAGA_MAX_RESUMPTIONS`, else 3."""
+    raw: Any = given if given is not None else env.get(SAGA_MAX_RESUMPTIONS)
+    if raw is None or raw == "":
+        return DEFAULT_MAX_RESUMPTIONS
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if isinstance(raw, bool) or value < 0 or str(value) != str(raw).strip():
+        raise ConfigurationError(
+            SAGA_MAX_RESUMPTIONS, f"expected a whole number of resumptions >= 0, got {raw!r}"
+        )
+    return value

@@ -127,6 +127,8 @@ class Rules:
     - A compensation that fails for good stops every further compensation: the only
       way out is `halt`, naming that step. The saga is compensated only when nothing is
       due or in flight.
+    - A step or compensation in flight may `halt` the saga too: a poison step, whose
+      outcome was lost on too many resumptions.
     """
 
     steps: list[str]
@@ -196,8 +198,11 @@ class Rules:
             return COMPENSATED if legal else None
         if name == "halt":
             (step,) = args
-            legal = compensating and self.undo_flight is None and self.failure == step
-            return STUCK if legal else None
+            failed_for_good = compensating and self.undo_flight is None and self.failure == step
+            poison = (running and self.flight is not None and self.flight[0] == step) or (
+                compensating and self.undo_flight is not None and self.undo_flight[0] == step
+            )
+            return STUCK if failed_for_good or poison else None
         raise AssertionError(name)
 
     def apply(self, command: Command) -> str:
@@ -445,7 +450,7 @@ ILLEGAL: dict[str, tuple[list[Command], list[Command]]] = {
             ("reconcile_compensation", "b", 2, True),
             ("reconcile_compensation", "a", 1, False),
             ("compensate",),
-            ("halt", "b"),
+            ("halt", "a"),  # only the compensation in flight may halt the saga, as poison
         ],
     ),
     "compensation re-run while in flight": (

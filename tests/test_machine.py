@@ -91,6 +91,7 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
                 "reconcile_step",
                 "complete_saga",
                 "time_out_saga",
+                "halt_saga",
             },
         ),
         (
@@ -382,7 +383,7 @@ THREE_DONE = {
                 m.COMPENSATING, **B_FAILED, compensating={"a": 1}, compensation_attempts={"a": 1}
             ),
             "halt_saga",
-            {"step": "a"},
+            {"step": "b"},  # a poison compensation halts with its own step, not another's
             "in flight",
         ),
         (

@@ -1410,3 +1410,64 @@ def test_a_member_whose_policy_is_fail_turns_the_whole_group_back(
     ]
     assert app.get(saga_id).status == "compensated"
     assert app.verify() == []
+
+
+# -- poison steps: an outcome lost on every resumption ------------------------------------
+
+
+@pytest.mark.parametrize("limit", [0, 2])
+def test_a_step_that_kills_every_worker_ends_stuck_after_the_set_resumptions(
+    env: Env, open_app: Callable[[Env], SagaApplication], shop: Shop, limit: int
+) -> None:
+    app = open_app({**env, "SAGA_STEP_TIMEOUT": "0", "SAGA_MAX_RESUMPTIONS": str(limit)})
+    assert app.max_resumptions == limit
+    definition = shop.definition()
+    shop.die = {("do", "b")}
+    saga_id = crash(app, definition, "poison")
+    for _ in range(limit):  # every resumption dies in b again
+        shop.die = {("do", "b")}
+        with pytest.raises(WorkerDied):
+            app.recover()
+    only(app.recover(), saga_id, "resumed")
+    saga = app.get(saga_id)
+    assert saga.status == "stuck"
+    assert saga.in_flight == {"b": limit + 1}
+    assert saga.error is not None
+    assert saga.error["type"] == "PoisonStep"
+    assert f"after {limit} resumption(s)" in saga.error["message"]
+    assert shop.log("do").count(("do", "b")) == limit + 1
+    assert app.recover().found == 0, "a stuck saga is left to a person"
+
+    resolved = app.resolve(saga_id, "retry", by="ops", reason="fixed the bug in b")
+    assert resolved.status == "completed"
+    assert resolved.attempts["b"] == limit + 2
+    assert shop.keys("do", "b") == [f"{saga_id}:b"] * (limit + 2)
+    assert app.verify() == []
+
+
+def test_a_poison_step_marked_compensated_undoes_what_came_before(
+    env: Env, open_app: Callable[[Env], SagaApplication], shop: Shop
+) -> None:
+    app = open_app({**env, "SAGA_STEP_TIMEOUT": "0", "SAGA_MAX_RESUMPTIONS": "0"})
+    definition = shop.definition()
+    shop.die = {("do", "b")}
+    saga_id = crash(app, definition, "poison")
+    app.recover()
+    assert app.get(saga_id).status == "stuck"
+    resolved = app.resolve(saga_id, "mark-compensated", by="ops", reason="b never charged")
+    assert resolved.status == "compensated"
+    assert resolved.compensated == ["a"]
+    assert shop.log("undo") == [("undo", "a")]
+    assert [r.event for r in app.history(saga_id)][-5:] == [
+        "SagaStuck",
+        "SagaResolved",
+        "CompensationStarted",
+        "CompensationRan",
+        "SagaCompensated",
+    ]
+    assert app.verify() == []
+
+
+def test_a_bad_resumption_limit_names_the_setting(env: Env) -> None:
+    with pytest.raises(ConfigurationError, match="SAGA_MAX_RESUMPTIONS"):
+        SagaApplication(env={**env, "SAGA_MAX_RESUMPTIONS": "-1"})
