@@ -1,11 +1,13 @@
 """saga_es: sagas as event-sourced aggregates, guarded by a state machine."""
 
 from saga_es.aggregate import (
+    CancelRequested,
     CompensationFailed,
     CompensationRan,
     CompensationReconciled,
     CompensationStarted,
     Saga,
+    SagaCancelled,
     SagaCompensated,
     SagaCompleted,
     SagaEvent,
@@ -44,6 +46,7 @@ from saga_es.status import SagaStatus
 
 __all__ = [
     "TERMINAL_STATES",
+    "CancelRequested",
     "CircuitBreaker",
     "CircuitOpen",
     "Clock",
@@ -62,6 +65,7 @@ __all__ = [
     "Retry",
     "Saga",
     "SagaApplication",
+    "SagaCancelled",
     "SagaCompensated",
     "SagaCompleted",
     "SagaDefinition",

@@ -40,6 +40,7 @@ class Saga(Aggregate):
         state.setdefault("on_fallback", [])
         state.setdefault("retrying", {})
         state.setdefault("resumptions", {})
+        state.setdefault("cancel_requested", None)
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -343,6 +344,30 @@ class Saga(Aggregate):
             saga.compensating.pop(self.step, None)
             saga.compensated.append(self.step)
 
+    class CancelRequested(Event):
+        """Someone asked the saga to stop: who and why.
+
+        Appended under the saga's version check, so the worker running it meets it at
+        its next append: no further step starts, what completed is compensated, and the
+        saga ends `cancelled`.
+        """
+
+        TOPIC = "saga_es:CancelRequested"
+        trigger = "request_cancel"
+        by: str
+        reason: str
+
+        def evolve(self, saga: Saga) -> None:
+            """Remember the request; no retry will start."""
+            saga.cancel_requested = {"by": self.by, "reason": self.reason}
+            saga.retrying.clear()
+
+    class SagaCancelled(Event):
+        """The cancelled saga is done: whatever completed has been compensated."""
+
+        TOPIC = "saga_es:SagaCancelled"
+        trigger = "cancel_saga"
+
     class SagaStuck(Event):
         """A person must finish the saga.
 
@@ -390,6 +415,7 @@ class Saga(Aggregate):
         self.deadline: datetime | None = None
         self.on_fallback: list[str] = []
         self.retrying: dict[str, float] = {}
+        self.cancel_requested: dict[str, str] | None = None
         self.resumptions: dict[str, int] = {}
         """Attempts started over one whose outcome was lost, per step (`compensation:<step>`
         for compensations): what makes a poison step."""
@@ -530,6 +556,14 @@ class Saga(Aggregate):
     def halt(self, step: str, *, error_type: str, error_message: str) -> None:
         """Record that the saga is stuck on `step`'s compensation."""
         self._move(self.SagaStuck, step=step, error_type=error_type, error_message=error_message)
+
+    def request_cancel(self, *, by: str, reason: str) -> None:
+        """Record that `by` asked the saga to stop, and why."""
+        self._move(self.CancelRequested, by=by, reason=reason)
+
+    def cancel(self) -> None:
+        """Record that the cancelled saga is done."""
+        self._move(self.SagaCancelled)
 
     def time_out(self) -> None:
         """Record that the saga's deadline passed before its next step could start."""
@@ -676,3 +710,5 @@ SagaCompensated = Saga.SagaCompensated
 SagaStuck = Saga.SagaStuck
 SagaTimedOut = Saga.SagaTimedOut
 SagaResolved = Saga.SagaResolved
+CancelRequested = Saga.CancelRequested
+SagaCancelled = Saga.SagaCancelled

@@ -267,7 +267,14 @@ class SagaApplication(Application[UUID]):
                 return self.get(saga.id)
             try:
                 with tracing.saga_span(saga, "run"):
-                    runner.run(saga, definition, self._save, self._check_encodable, clock=clock)
+                    saga = runner.run(
+                        saga,
+                        definition,
+                        self._save,
+                        self._check_encodable,
+                        clock=clock,
+                        reload=self.get,
+                    )
             except IntegrityError:
                 return self._taken_over(saga)
         return saga
@@ -382,8 +389,13 @@ class SagaApplication(Application[UUID]):
         yield events, saga
         try:
             check, clock = self._check_encodable, self.clock
+            reload = self.get
             with tracing.saga_span(saga, "arun"):
-                async for events in runner.arun(saga, definition, self._asave, check, clock=clock):
+                async for events in runner.arun(
+                    saga, definition, self._asave, check, clock=clock, reload=reload
+                ):
+                    if events and events[-1].originator_version != saga.version:
+                        saga = await asyncio.to_thread(self.get, saga.id)  # a cancel was obeyed
                     yield events, saga
         except IntegrityError:
             yield [], await asyncio.to_thread(self._taken_over, saga)
@@ -642,7 +654,14 @@ class SagaApplication(Application[UUID]):
         runner.resolve(saga, action, by=by, reason=reason)
         try:
             self._save(saga)
-            runner.run(saga, definition, self._save, self._check_encodable, clock=self.clock)
+            saga = runner.run(
+                saga,
+                definition,
+                self._save,
+                self._check_encodable,
+                clock=self.clock,
+                reload=self.get,
+            )
         except IntegrityError:
             return self._taken_over(saga)
         return saga
@@ -676,6 +695,35 @@ class SagaApplication(Application[UUID]):
         whether that would stop this code recovering it: run it before a deploy.
         """
         return compat.check(self, definition, recent=recent, limit=limit)
+
+    def cancel(self, saga_id: UUID | str, *, by: str, reason: str) -> Saga:
+        """Ask a saga to stop; who and why are recorded (`CancelRequested`).
+
+        No further step starts: what completed is compensated in reverse order and the
+        saga ends `cancelled` (a pending saga at once, with no step run). A worker
+        running one of its steps meets the request at its next append and obeys; with
+        nothing in flight, this call drives the compensation itself (when it knows the
+        definition; else recovery will). A terminal or stuck saga cannot be cancelled.
+        """
+        for label, value in (("by", by), ("reason", reason)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"cancel needs {label}= (a non-empty string), got {value!r}")
+        for _ in range(5):  # a worker may append between our read and our append
+            saga = self.get(saga_id)
+            drive = runner.cancel(saga, by=by, reason=reason)
+            try:
+                self._save(saga)
+            except IntegrityError:
+                continue
+            key = (saga.name, saga.definition_version)
+            if drive and key in self.definitions:
+                definition, check = self.definitions[key], self._check_encodable
+                try:
+                    saga = runner.run(saga, definition, self._save, check, clock=self.clock)
+                except IntegrityError:
+                    return self._taken_over(saga)
+            return saga
+        raise IntegrityError(f"saga {saga_id}: kept losing the race to append its cancel")
 
     def verify(self) -> list[StreamProblem]:
         """Replay every stored stream through the state machine; what it would refuse."""

@@ -274,6 +274,33 @@ def recover(db: str | None, modules: tuple[str, ...]) -> None:
 @cli.command()
 @click.argument("saga_id")
 @click.option(
+    "--by", required=True, callback=_non_empty, help="Who cancels it (recorded in the stream)."
+)
+@click.option(
+    "--reason", required=True, callback=_non_empty, help="Why (recorded in the saga's stream)."
+)
+@_db_option
+@_definitions_option
+def cancel(saga_id: str, by: str, reason: str, db: str | None, modules: tuple[str, ...]) -> None:
+    """Stop a saga: no further step starts, what completed is compensated, it ends cancelled."""
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    with _app(db) as app:
+        app.register(*definitions)
+        saga = app.cancel(saga_id, by=by, reason=reason)
+        events = app.saga_events(saga.id)
+    console = _console()
+    console.print(render(saga, events))
+    if saga.status != "cancelled":
+        console.print(
+            f"  cancel requested: the worker running step {saga.step!r} stops at its next "
+            "boundary, or recovery finishes it",
+            highlight=False,
+        )
+
+
+@cli.command()
+@click.argument("saga_id")
+@click.option(
     "--action",
     type=click.Choice(["retry", "mark-compensated"]),
     required=True,

@@ -41,15 +41,16 @@ COMPENSATING = "compensating"
 COMPLETED = "completed"
 COMPENSATED = "compensated"
 STUCK = "stuck"
+CANCELLED = "cancelled"
 
-STATES = (NEW, PENDING, RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK)
+STATES = (NEW, PENDING, RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK, CANCELLED)
 
 RETRY = "retry"
 MARK_COMPENSATED = "mark-compensated"
 RESOLUTIONS = (RETRY, MARK_COMPENSATED)
 """How a person may resolve a stuck saga: run the failed compensation again, or record
 that they undid the step by hand."""
-TERMINAL_STATES = frozenset({COMPLETED, COMPENSATED})
+TERMINAL_STATES = frozenset({COMPLETED, COMPENSATED, CANCELLED})
 """States a saga never leaves: nothing is left to run."""
 
 
@@ -120,6 +121,8 @@ def _step_may_start(ev: Any) -> bool:
     probe: _Probe = ev.model
     saga = probe.saga
     step, attempt = ev.kwargs["step"], ev.kwargs["attempt"]
+    if getattr(saga, "cancel_requested", None):
+        return _refuse(probe, "its cancel was requested: no step starts")
     if step in saga.in_flight:
         return _may_start(probe, "step", step, attempt, {step: saga.in_flight[step]}, 0)
     completed = saga.completed
@@ -213,6 +216,19 @@ def _compensation_in_flight(ev: Any) -> bool:
     step = ev.kwargs["step"]
     attempt = ev.kwargs.get("attempt", probe.saga.compensating.get(step))
     return _in_flight(probe, "compensation of", step, attempt, probe.saga.compensating)
+
+
+def _not_cancelled(ev: Any) -> bool:
+    """A saga whose cancel was requested ends `cancelled`, not `compensated`."""
+    if getattr(ev.model.saga, "cancel_requested", None):
+        return _refuse(ev.model, "its cancel was requested: it ends cancelled")
+    return True
+
+
+def _cancel_requested(ev: Any) -> bool:
+    if not getattr(ev.model.saga, "cancel_requested", None):
+        return _refuse(ev.model, "no cancel was requested")
+    return True
 
 
 def _fully_compensated(ev: Any) -> bool:
@@ -311,6 +327,22 @@ TRANSITIONS: list[dict[str, Any]] = [
         "dest": COMPLETED,
         "conditions": _all_steps_completed,
     },
+    *(
+        {"trigger": "request_cancel", "source": state, "dest": state}
+        for state in (PENDING, RUNNING, COMPENSATING)
+    ),
+    {
+        "trigger": "start_compensation",
+        "source": RUNNING,
+        "dest": COMPENSATING,
+        "conditions": [_cancel_requested, _nothing_in_flight, _compensation_may_start],
+    },
+    {
+        "trigger": "cancel_saga",
+        "source": [PENDING, RUNNING, COMPENSATING],
+        "dest": CANCELLED,
+        "conditions": [_cancel_requested, _fully_compensated],
+    },
     {
         "trigger": "complete_step",
         "source": COMPENSATING,
@@ -357,7 +389,7 @@ TRANSITIONS: list[dict[str, Any]] = [
         "trigger": "compensate_saga",
         "source": COMPENSATING,
         "dest": COMPENSATED,
-        "conditions": _fully_compensated,
+        "conditions": [_not_cancelled, _fully_compensated],
     },
     {
         "trigger": "halt_saga",

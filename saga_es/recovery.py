@@ -119,7 +119,7 @@ def _recover_one(
         with tracing.saga_span(saga, "recover"):
             first = runner.resume(saga, definition, app.max_resumptions)
             app._save(saga)  # the fencing point: this append must win the version check
-            runner.run(saga, definition, app._save, app._check_encodable, first, app.clock)
+            runner.run(saga, definition, app._save, app._check_encodable, first, app.clock, app.get)
     except IntegrityError:
         _lost(report, saga)
         return
@@ -142,7 +142,9 @@ async def recover_one_async(
             first = runner.resume(saga, definition, app.max_resumptions)
             await app._asave(saga)  # the fencing point, as above
             check, clock = app._check_encodable, app.clock
-            async for _ in runner.arun(saga, definition, app._asave, check, first, clock):
+            async for _ in runner.arun(
+                saga, definition, app._asave, check, first, clock, reload=app.get
+            ):
                 pass
     except IntegrityError:
         _lost(report, saga)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypedDict
 
+from eventsourcing.persistence import IntegrityError
+
 from saga_es import tracing
 from saga_es.aggregate import Saga
 from saga_es.breaker import OPEN
@@ -144,6 +146,11 @@ def resume(
     elif saga.status == RUNNING:
         flying = list(saga.in_flight.items())
         policies = {step: definition.step(step).recovery for step, _ in flying}
+        if saga.cancel_requested:  # nothing runs again: an interrupted call may have run
+            for step, attempt in flying:
+                _fail_unknown(saga, definition.step(step), attempt, str(policies[step]))
+            _compensate_next(saga)
+            return []
         if any(policy in (FAIL, COMPENSATE) for policy in policies.values()):
             for step, attempt in flying:  # one member gives up: the whole group turns back
                 _fail_unknown(saga, definition.step(step), attempt, str(policies[step]))
@@ -308,6 +315,19 @@ def resolve(saga: Saga, action: str, *, by: str, reason: str) -> None:
         _compensate_next(saga)
 
 
+def cancel(saga: Saga, *, by: str, reason: str) -> bool:
+    """Append a cancel request; and, when no call is in flight, what it leads to now.
+
+    True if the caller must drive the saga on (its compensations); False if a worker
+    holds a call in flight and will obey the request at its next append.
+    """
+    saga.request_cancel(by=by, reason=reason)
+    if saga.in_flight or saga.compensating:
+        return False
+    _advance(saga, None)
+    return True
+
+
 def _poisoned(saga: Saga, key: str, max_resumptions: int | None) -> bool:
     return max_resumptions is not None and saga.resumptions.get(key, 0) >= max_resumptions
 
@@ -337,7 +357,8 @@ def _fail_action(
     unknown = isinstance(error, StepTimeout) and outcome.took_effect is None
     past_deadline = _past_deadline(saga, now) or (isinstance(error, StepTimeout) and error.deadline)
     retry = step.retries
-    forward = saga.status == RUNNING  # a member settled after its group turned back is not
+    # Neither a member settled after its group turned back, nor a cancelled saga, goes on.
+    forward = saga.status == RUNNING and not saga.cancel_requested
     may_retry = (
         forward
         and not call.fallback
@@ -419,6 +440,9 @@ def _past_deadline(saga: Saga, now: datetime | None) -> bool:
 def _advance(saga: Saga, now: datetime | None) -> None:
     """Start the next step (every member, for a group), end the saga, or turn back."""
     completed = saga.completed
+    if saga.cancel_requested:  # the step boundary where a cancelled saga stops
+        _compensate_next(saga)
+        return
     if len(completed) >= len(saga.steps):
         saga.complete()
         return
@@ -440,7 +464,7 @@ def _advance(saga: Saga, now: datetime | None) -> None:
 
 
 def _restart(saga: Saga, now: datetime | None) -> None:
-    if saga.status == COMPENSATING:
+    if (saga.cancel_requested and not saga.in_flight) or saga.status == COMPENSATING:
         _compensate_next(saga)
     elif saga.status == RUNNING:
         if not saga.in_flight and _past_deadline(saga, now):
@@ -454,7 +478,7 @@ def _restart(saga: Saga, now: datetime | None) -> None:
 def _compensate_next(saga: Saga) -> None:
     step = saga.next_compensation
     if step is None:
-        saga.compensate()
+        saga.cancel() if saga.cancel_requested else saga.compensate()
     else:
         saga.start_compensation(step, saga.compensation_attempts.get(step, 0) + 1)
 
@@ -691,6 +715,31 @@ def _is_group(saga: Saga, calls: Sequence[Call]) -> bool:
     return bool(calls) and calls[0].kind == ACTION and len(saga.group_of(calls[0].step.name)) > 1
 
 
+def _obey(
+    saga: Saga,
+    reload: Callable[[Any], Saga] | None,
+    definition: SagaDefinition,
+    call: Call,
+    outcome: Outcome,
+    check: Check,
+    now: datetime | None,
+) -> Saga:
+    """After a lost append: the stored saga, with this call settled on it, if a cancel won.
+
+    A cancel appended by another process moves the version on; the worker still owns
+    the call it was running, so it records that call's outcome on the stored saga and
+    goes on compensating. Anything else that won the append is another worker's: raise.
+    """
+    if reload is None:
+        raise IntegrityError(f"saga {saga.id} was appended to by another writer")
+    stored = reload(saga.id)
+    flying = stored.in_flight if call.kind == ACTION else stored.compensating
+    if not stored.cancel_requested or flying.get(call.step.name) != call.attempt:
+        raise IntegrityError(f"saga {saga.id} was taken over at version {stored.version}")
+    settle(stored, definition, call, outcome, check, now)
+    return stored
+
+
 def run(
     saga: Saga,
     definition: SagaDefinition,
@@ -698,8 +747,12 @@ def run(
     check: Check,
     first: Sequence[Call] = (),
     clock: Clock = SYSTEM_CLOCK,
+    reload: Callable[[Any], Saga] | None = None,
 ) -> Saga:
-    """Drive `saga` to the end, blocking; a parallel group runs on an event loop."""
+    """Drive `saga` to the end, blocking; a parallel group runs on an event loop.
+
+    With `reload`, a cancel that another process appended meanwhile is obeyed.
+    """
     for call in first:
         settle(saga, definition, call, invoke(call, saga, clock), check, clock.now())
     if first:
@@ -723,7 +776,12 @@ def run(
         outcome = invoke(call, saga, clock)
         now = None if saga.deadline is None else clock.now()  # after the call: it took time
         delay = settle(saga, definition, call, outcome, check, now)
-        save(saga)
+        try:
+            save(saga)
+        except IntegrityError:
+            saga = _obey(saga, reload, definition, call, outcome, check, now)
+            save(saga)
+            continue
         if delay is not None:
             clock.sleep(delay)
             _restart(saga, clock.now())
@@ -737,6 +795,7 @@ async def arun(
     check: Check,
     first: Sequence[Call] = (),
     clock: Clock = SYSTEM_CLOCK,
+    reload: Callable[[Any], Saga] | None = None,
 ) -> AsyncIterator[Sequence[Saga.Event]]:
     """Drive `saga` to the end, yielding the events of each commit once it is durable."""
     for call in first:
@@ -757,8 +816,17 @@ async def arun(
             return
         call = calls[0]
         outcome = await ainvoke(call, saga, clock)
-        delay = settle(saga, definition, call, outcome, check, clock.now())
-        yield await save(saga)
+        now = clock.now()
+        delay = settle(saga, definition, call, outcome, check, now)
+        try:
+            events = await save(saga)
+        except IntegrityError:
+            saga = await asyncio.to_thread(
+                _obey, saga, reload, definition, call, outcome, check, now
+            )
+            yield await save(saga)
+            continue
+        yield events
         if delay is not None:
             await clock.asleep(delay)
             _restart(saga, clock.now())

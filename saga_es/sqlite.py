@@ -124,6 +124,10 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             f"version = NEW.originator_version, updated_at = COALESCE({at}, updated_at) "
             "WHERE saga_id = NEW.originator_id AND version < NEW.originator_version; "
             f"DELETE FROM {flight} WHERE saga_id = NEW.originator_id; END",
+            # A person resolving a stuck saga puts it back in flight.
+            f"CREATE TRIGGER IF NOT EXISTS {status}_resumes AFTER INSERT ON {table} "
+            f"WHEN NEW.topic = 'saga_es:SagaResolved' AND {saga_event} BEGIN "
+            f"INSERT OR IGNORE INTO {flight} VALUES (NEW.originator_id); END",
             f"CREATE VIEW IF NOT EXISTS {status}_live AS "
             "SELECT saga_id, name, definition_version, key, "
             "COALESCE(json_extract(j, '$.to_state'), status) AS status, "

@@ -20,7 +20,7 @@ from saga_es.aggregate import Saga
 
 IN_FLIGHT_STATES = (machine.PENDING, machine.RUNNING, machine.COMPENSATING)
 """States recovery resumes: neither terminal nor waiting for a person."""
-ENDING_EVENTS = ("SagaCompleted", "SagaCompensated", "SagaStuck")
+ENDING_EVENTS = ("SagaCompleted", "SagaCompensated", "SagaStuck", "SagaCancelled")
 """Events after which a saga is no longer in flight."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from pgserver import PgServer, free_port
 
 from saga_es import (
     ConfigurationError,
+    IllegalTransition,
     Saga,
     SagaApplication,
     SagaDefinition,
@@ -545,3 +548,164 @@ def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
         app.sagas(after="page-2")
     with pytest.raises(ValueError, match="limit"):
         app.sagas(limit=0)
+
+
+# -- cancel --------------------------------------------------------------------------------
+
+
+def _shop(log: list[str], gate: threading.Event | None = None) -> SagaDefinition:
+    """reserve, pay (which waits at `gate`), ship: every call logged."""
+
+    def do(name: str) -> Any:
+        def action(context: Any, key: str) -> None:
+            log.append(f"do {name}")
+            if name == "pay" and gate is not None:
+                gate.wait(10)
+            context[name] = True
+
+        return action
+
+    def undo(name: str) -> Any:
+        return lambda context, key: log.append(f"undo {name}")
+
+    return SagaDefinition("shop", [Step(n, do(n), undo(n)) for n in ("reserve", "pay", "ship")])
+
+
+def test_a_submitted_saga_is_cancelled_at_once_with_no_step_run(app: SagaApplication) -> None:
+    log: list[str] = []
+    saga_id = app.submit(_shop(log), {})
+    saga = app.cancel(saga_id, by="ada", reason="customer asked")
+    assert saga.status == "cancelled"
+    assert [r.event for r in app.history(saga_id)] == [
+        "SagaStarted",
+        "CancelRequested",
+        "SagaCancelled",
+    ]
+    assert app.history(saga_id)[1].details == {"by": "ada", "reason": "customer asked"}
+    assert log == []
+    assert app.sagas(status="cancelled")[0].saga_id == saga_id
+    assert app.recover().found == 0
+    assert app.verify() == []
+
+
+def test_a_running_saga_stops_at_its_next_boundary_and_compensates(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    log: list[str] = []
+    gate = threading.Event()
+    definition = _shop(log, gate)
+    reader.register(definition)
+    result: dict[str, Saga] = {}
+    worker = threading.Thread(target=lambda: result.update(saga=app.run(definition, {})))
+    worker.start()
+    while "do pay" not in log:
+        time.sleep(0.005)
+    (row,) = reader.sagas()
+    requested = reader.cancel(row.saga_id, by="ada", reason="stop")  # another process
+    assert (requested.status, requested.in_flight) == ("running", {"pay": 1})
+    gate.set()
+    worker.join()
+
+    assert result["saga"].status == "cancelled"
+    assert log == ["do reserve", "do pay", "undo pay", "undo reserve"]  # ship never ran
+    assert [r.event for r in reader.history(row.saga_id)][4:] == [
+        "CancelRequested",
+        "StepCompleted",
+        "CompensationStarted",
+        "CompensationRan",
+        "CompensationStarted",
+        "CompensationRan",
+        "SagaCancelled",
+    ]
+    assert reader.get(row.saga_id).status == "cancelled"
+    assert reader.verify() == []
+
+
+def test_a_cancelled_saga_whose_worker_died_is_finished_by_recovery(
+    app: SagaApplication,
+) -> None:
+    class Died(BaseException):
+        pass
+
+    def dies(context: Any, key: str) -> None:
+        raise Died
+
+    undone: list[str] = []
+    definition = SagaDefinition(
+        "died",
+        [Step("a", lambda c, k: None, lambda c, k: undone.append("a")), Step("b", dies)],
+    )
+    with pytest.raises(Died):
+        app.run(definition, {}, key="k")
+    saga_id = SagaApplication.saga_id("died", "k")
+    assert app.cancel(saga_id, by="ops", reason="stop it").status == "running"
+    app.default_step_timeout = 0
+    assert app.recover().resumed == [saga_id]
+    saga = app.get(saga_id)
+    assert saga.status == "cancelled"
+    assert undone == ["a"]
+    assert [r.event for r in app.history(saga_id)][-5:] == [
+        "CancelRequested",
+        "StepFailed",  # b's outcome was lost with its worker, and nothing runs again
+        "CompensationStarted",
+        "CompensationRan",
+        "SagaCancelled",
+    ]
+    assert app.verify() == []
+
+
+def test_cancel_of_a_terminal_stuck_or_unknown_saga_is_refused_and_appends_nothing(
+    app: SagaApplication,
+) -> None:
+    log: list[str] = []
+    done = app.run(_shop(log), {})
+
+    def broken(context: Any, key: str) -> None:
+        raise RuntimeError("refund api down")
+
+    stuck = app.run(
+        SagaDefinition(
+            "stuck",
+            [Step("a", lambda c, k: None, broken), Step("b", broken)],
+        ),
+        {},
+    )
+    assert stuck.status == "stuck"
+    for saga in (done, stuck):
+        before = len(app.history(saga.id))
+        with pytest.raises(IllegalTransition, match="cannot request_cancel"):
+            app.cancel(saga.id, by="ada", reason="too late")
+        assert len(app.history(saga.id)) == before
+    with pytest.raises(SagaNotFound):
+        app.cancel(uuid4(), by="ada", reason="x")
+    with pytest.raises(ValueError, match="by="):
+        app.cancel(done.id, by=" ", reason="x")
+
+
+def test_a_cancel_racing_a_step_completion_leaves_one_legal_history(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    for attempt in range(5):
+        log: list[str] = []
+        definition = _shop(log)
+        reader.register(definition)
+        saga_id = app.submit(definition, {}, key=f"race-{attempt}")
+        outcome: dict[str, Any] = {}
+
+        def cancel(saga_id: UUID = saga_id, outcome: dict[str, Any] = outcome) -> None:
+            try:
+                outcome["cancel"] = reader.cancel(saga_id, by="ada", reason="race").status
+            except IllegalTransition as e:
+                outcome["cancel"] = e
+
+        racer = threading.Thread(target=cancel)
+        racer.start()
+        app.work(until_idle=True)
+        racer.join()
+        final = app.get(saga_id)
+        assert final.status in ("cancelled", "completed")
+        if final.status == "completed":  # the saga ended first: the cancel was refused
+            assert isinstance(outcome["cancel"], IllegalTransition)
+        else:
+            assert "do ship" not in log or "undo ship" in log
+        assert app.verify() == []

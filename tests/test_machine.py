@@ -73,6 +73,8 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
         "halt_saga",
         "time_out_saga",
         "resolve_saga",
+        "request_cancel",
+        "cancel_saga",
     }
     assert not [t for t in TRIGGERS if t.startswith("to_")]
 
@@ -81,7 +83,7 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
     ("state", "triggers"),
     [
         (m.NEW, {"start_saga"}),
-        (m.PENDING, {"start_step"}),
+        (m.PENDING, {"start_step", "request_cancel", "cancel_saga"}),
         (
             m.RUNNING,
             {
@@ -92,6 +94,9 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
                 "complete_saga",
                 "time_out_saga",
                 "halt_saga",
+                "request_cancel",
+                "start_compensation",
+                "cancel_saga",
             },
         ),
         (
@@ -106,6 +111,8 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
                 "complete_step",
                 "fail_step",
                 "reconcile_step",
+                "request_cancel",
+                "cancel_saga",
             },
         ),
         (m.COMPLETED, set()),
@@ -117,8 +124,8 @@ def test_legal_triggers_by_state(state: str, triggers: set[str]) -> None:
     assert set(legal_triggers(state)) == triggers
 
 
-def test_terminal_states_are_completed_and_compensated() -> None:
-    assert frozenset({m.COMPLETED, m.COMPENSATED}) == TERMINAL_STATES
+def test_terminal_states_are_completed_compensated_and_cancelled() -> None:
+    assert frozenset({m.COMPLETED, m.COMPENSATED, m.CANCELLED}) == TERMINAL_STATES
     assert m.STUCK not in TERMINAL_STATES
 
 
@@ -138,6 +145,8 @@ def test_every_saga_event_class_is_one_trigger_and_has_a_stable_topic() -> None:
         Saga.SagaStuck,
         Saga.SagaTimedOut,
         Saga.SagaResolved,
+        Saga.CancelRequested,
+        Saga.SagaCancelled,
     ]
     assert sorted(c.trigger for c in classes) == sorted(TRIGGERS)
     for cls in classes:
