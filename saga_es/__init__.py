@@ -11,6 +11,7 @@ from saga_es.aggregate import (
     SagaCompensated,
     SagaCompleted,
     SagaEvent,
+    SagaForked,
     SagaResolved,
     SagaStarted,
     SagaStuck,
@@ -31,6 +32,7 @@ from saga_es.errors import (
     ContextError,
     DefinitionError,
     DefinitionNotFound,
+    ForkRefused,
     IllegalTransition,
     SagaError,
     SagaNotFound,
@@ -41,6 +43,7 @@ from saga_es.errors import (
     VersionNotFound,
 )
 from saga_es.machine import TERMINAL_STATES
+from saga_es.process import SagaProcess, StartFailure, StartSaga
 from saga_es.recovery import RecoveryReport
 from saga_es.status import SagaStatus
 
@@ -59,6 +62,7 @@ __all__ = [
     "DefinitionError",
     "DefinitionNotFound",
     "FakeClock",
+    "ForkRefused",
     "IllegalTransition",
     "Parallel",
     "RecoveryReport",
@@ -71,13 +75,17 @@ __all__ = [
     "SagaDefinition",
     "SagaError",
     "SagaEvent",
+    "SagaForked",
     "SagaNotFound",
+    "SagaProcess",
     "SagaResolved",
     "SagaStarted",
     "SagaStatus",
     "SagaStuck",
     "SagaTimedOut",
     "SagaUpdate",
+    "StartFailure",
+    "StartSaga",
     "Step",
     "StepCancelled",
     "StepCompleted",

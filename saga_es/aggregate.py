@@ -41,6 +41,7 @@ class Saga(Aggregate):
         state.setdefault("retrying", {})
         state.setdefault("resumptions", {})
         state.setdefault("cancel_requested", None)
+        state.setdefault("forked_from", None)
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -344,6 +345,32 @@ class Saga(Aggregate):
             saga.compensating.pop(self.step, None)
             saga.compensated.append(self.step)
 
+    class SagaForked(Event):
+        """The saga continues another one from `from_step`: the steps before it are carried over.
+
+        They are recorded as completed here, not run again; the source saga's stream is
+        never changed. The context this saga started with is the source's as recorded
+        right before `from_step` first started (at `source_version`).
+        """
+
+        TOPIC = "saga_es:SagaForked"
+        trigger = "fork_saga"
+        source_saga_id: str
+        source_version: int
+        from_step: str
+        carried: list[str]
+
+        def evolve(self, saga: Saga) -> None:
+            """The carried-over steps count as completed, and are compensated if this one fails."""
+            saga.forked_from = {
+                "saga_id": self.source_saga_id,
+                "version": self.source_version,
+                "from_step": self.from_step,
+            }
+            for step in self.carried:
+                saga.completed.append(step)
+                saga.to_compensate.insert(0, step)
+
     class CancelRequested(Event):
         """Someone asked the saga to stop: who and why.
 
@@ -416,6 +443,7 @@ class Saga(Aggregate):
         self.on_fallback: list[str] = []
         self.retrying: dict[str, float] = {}
         self.cancel_requested: dict[str, str] | None = None
+        self.forked_from: dict[str, Any] | None = None
         self.resumptions: dict[str, int] = {}
         """Attempts started over one whose outcome was lost, per step (`compensation:<step>`
         for compensations): what makes a poison step."""
@@ -556,6 +584,18 @@ class Saga(Aggregate):
     def halt(self, step: str, *, error_type: str, error_message: str) -> None:
         """Record that the saga is stuck on `step`'s compensation."""
         self._move(self.SagaStuck, step=step, error_type=error_type, error_message=error_message)
+
+    def fork(
+        self, *, source_saga_id: str, source_version: int, from_step: str, carried: list[str]
+    ) -> None:
+        """Record that this saga continues another from `from_step`, carrying the steps before."""
+        self._move(
+            self.SagaForked,
+            source_saga_id=source_saga_id,
+            source_version=source_version,
+            from_step=from_step,
+            carried=carried,
+        )
 
     def request_cancel(self, *, by: str, reason: str) -> None:
         """Record that `by` asked the saga to stop, and why."""
@@ -710,5 +750,6 @@ SagaCompensated = Saga.SagaCompensated
 SagaStuck = Saga.SagaStuck
 SagaTimedOut = Saga.SagaTimedOut
 SagaResolved = Saga.SagaResolved
+SagaForked = Saga.SagaForked
 CancelRequested = Saga.CancelRequested
 SagaCancelled = Saga.SagaCancelled

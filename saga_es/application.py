@@ -69,6 +69,7 @@ from saga_es.settings import max_resumptions as max_resumptions_setting
 from saga_es.status import SagaStatus, StatusQuery, StatusRecorder
 
 log = logging.getLogger("saga_es")
+log.addHandler(logging.NullHandler())  # a library logs; the application decides where to
 
 _RECORDER_TOPIC = InfrastructureFactory.APPLICATION_RECORDER_TOPIC
 _STORE_RECORDERS = (
@@ -695,6 +696,69 @@ class SagaApplication(Application[UUID]):
         whether that would stop this code recovering it: run it before a deploy.
         """
         return compat.check(self, definition, recent=recent, limit=limit)
+
+    def fork(
+        self,
+        saga_id: UUID | str,
+        from_step: str,
+        definition: SagaDefinition | None = None,
+        *,
+        key: str | None = None,
+    ) -> Saga:
+        """Run a new saga that continues `saga_id` from `from_step`, under `definition`.
+
+        The new saga starts from the context recorded right before `from_step` first
+        started; the steps before it are carried over (`SagaForked`), not run again, and
+        it runs from `from_step` on (by default under the original's definition; after a
+        fix, under the fixed one). The original's stream is never changed. A definition
+        that lacks a carried-over step is refused with the divergences (`ForkRefused`).
+        """
+        source = self.get(saga_id)
+        if definition is None:
+            definition = self.definition(source.name, source.definition_version)
+        return compat.fork(self, source, from_step, definition, key)
+
+    def _run_fork(
+        self,
+        definition: SagaDefinition,
+        before: Saga,
+        from_step: str,
+        carried: list[str],
+        key: str | None,
+    ) -> Saga:
+        """Start the fork (`SagaStarted`, `SagaForked`, the first start: one commit), run it."""
+        self.register(definition)
+        saga_id = uuid4() if key is None else self.saga_id(definition.name, key)
+        saga = Saga.start(
+            id=saga_id,
+            name=definition.name,
+            definition_version=definition.version,
+            steps=definition.step_names,
+            compensable=definition.compensable,
+            key=key,
+            context_type=before.context_type,
+            context=dict(before.context_state),
+            parallel=[list(group) for group in definition.groups],
+            fallback_compensable=definition.fallback_compensable,
+        )
+        saga.fork(
+            source_saga_id=str(before.id),
+            source_version=before.version,
+            from_step=from_step,
+            carried=carried,
+        )
+        runner.begin(saga)
+        if not self._save_start(saga):
+            return self.get(saga_id)  # forked before under the same key
+        try:
+            check, reload = self._check_encodable, self.get
+            with tracing.saga_span(saga, "fork"):
+                saga = runner.run(
+                    saga, definition, self._save, check, clock=self.clock, reload=reload
+                )
+        except IntegrityError:
+            return self._taken_over(saga)
+        return saga
 
     def cancel(self, saga_id: UUID | str, *, by: str, reason: str) -> Saga:
         """Ask a saga to stop; who and why are recorded (`CancelRequested`).

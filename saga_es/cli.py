@@ -273,6 +273,29 @@ def recover(db: str | None, modules: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("saga_id")
+@click.option("--from-step", "from_step", required=True, help="The step the new saga starts from.")
+@_db_option
+@_definitions_option
+def fork(saga_id: str, from_step: str, db: str | None, modules: tuple[str, ...]) -> None:
+    """Run a new saga continuing ID from a step, under the (fixed) definition given."""
+    definitions = [d for spec in modules for d in _load_definitions(spec)]
+    with _app(db) as app:
+        app.register(*definitions)
+        source = app.get(saga_id)
+        named = [d for d in definitions if d.name == source.name]
+        newest = max(named, key=lambda d: d.version) if named else None
+        saga = app.fork(source.id, from_step, newest)
+        events = app.saga_events(saga.id)
+    console = _console()
+    console.print(render(saga, events))
+    forked = saga.forked_from or {}
+    console.print(f"  forked from saga {source.id} as of version {forked.get('version')}")
+    if saga.status != "completed":
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("saga_id")
 @click.option(
     "--by", required=True, callback=_non_empty, help="Who cancels it (recorded in the stream)."
 )

@@ -18,7 +18,7 @@ from uuid import UUID
 from saga_es import machine
 from saga_es.aggregate import Saga, StepCompleted, replay_checked
 from saga_es.definition import SagaDefinition
-from saga_es.errors import SagaError
+from saga_es.errors import DefinitionError, ForkRefused, SagaError, StepNotReached
 from saga_es.status import IN_FLIGHT_STATES, SagaStatus
 
 if TYPE_CHECKING:
@@ -480,3 +480,54 @@ def _describe(stages: Sequence[_Stage], order: Sequence[str]) -> str:
 
 def _names(steps: Sequence[str]) -> str:
     return ", ".join(repr(s) for s in steps)
+
+
+def fork(
+    app: SagaApplication,
+    source: Saga,
+    from_step: str,
+    definition: SagaDefinition,
+    key: str | None,
+) -> Saga:
+    """Start and run the fork of `source` from `from_step` (see `SagaApplication.fork`)."""
+    if definition.name != source.name:
+        raise ValueError(
+            f"saga {source.id} was started from {source.name!r}: it cannot be forked under "
+            f"a definition named {definition.name!r}"
+        )
+    if from_step not in source.attempts:
+        raise StepNotReached(source.id, from_step)
+    if from_step not in definition.step_names:
+        raise DefinitionError(
+            f"saga {definition.name!r} v{definition.version} has no step {from_step!r} to fork from"
+        )
+    if len(source.group_of(from_step)) > 1:
+        raise ValueError(f"step {from_step!r} is in a parallel group: fork from the group's start")
+    carried = source.steps[: source.steps.index(from_step)]
+    events = app.saga_events(source.id)
+    started = next(
+        e.originator_version
+        for e in events
+        if isinstance(e, Saga.StepStarted) and e.step == from_step
+    )
+    divergences = _carry(source, definition, carried, from_step, started)
+    if divergences:
+        raise ForkRefused(source.id, divergences)
+    before = app.get(source.id, version=started - 1)
+    return app._run_fork(definition, before, from_step, carried, key)
+
+
+def _carry(
+    source: Saga, definition: SagaDefinition, carried: list[str], from_step: str, at: int
+) -> list[Divergence]:
+    """Why `definition` cannot carry `carried` and go on from `from_step`, if it cannot."""
+    new = definition.step_names
+    found = []
+    for step in carried:
+        if step not in new:
+            why = "carried over by the fork, but the definition no longer has it"
+            found.append(Divergence(source.id, at, REMOVED, step, why, True))
+    if not found and new[: len(carried) + 1] != [*carried, from_step]:
+        why = f"the definition's steps start {new[: len(carried) + 1]}, not {[*carried, from_step]}"
+        found.append(Divergence(source.id, at, REORDERED, from_step, why, True))
+    return found

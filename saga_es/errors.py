@@ -8,6 +8,7 @@
     ├── DefinitionNotFound (KeyError)    no definition is registered under that name and version
     ├── VersionNotFound (KeyError)       the saga has no event at that version
     ├── StepNotReached (KeyError)        the saga never started that step (or its compensation)
+    ├── ForkRefused (ValueError)         the new definition cannot carry the steps a fork keeps
     ├── UnreadableEvent (ValueError)     a stored event cannot be decoded (unknown type, corrupt)
     ├── IllegalTransition                the state machine refused a move
     ├── StepTimeout (TimeoutError)       an attempt outlived its timeout or the saga's deadline
@@ -99,6 +100,15 @@ class StepNotReached(SagaError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ForkRefused(SagaError, ValueError):
+    """Raised, before anything is stored, when a fork's definition lacks a carried-over step."""
+
+    def __init__(self, saga_id: UUID, divergences: list[Any]) -> None:
+        lines = "; ".join(str(d) for d in divergences)
+        super().__init__(f"saga {saga_id} cannot be forked under this definition: {lines}")
+        self.saga_id, self.divergences = saga_id, divergences
 
 
 class UnreadableEvent(SagaError, ValueError):

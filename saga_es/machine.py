@@ -225,6 +225,20 @@ def _not_cancelled(ev: Any) -> bool:
     return True
 
 
+def _carries_the_first_steps(ev: Any) -> bool:
+    """A fork carries over exactly the steps before the one it starts from, in order."""
+    probe: _Probe = ev.model
+    saga = probe.saga
+    carried = list(ev.kwargs.get("carried", ()))
+    if saga.completed or saga.in_flight:
+        return _refuse(probe, "a saga is forked before any of its own steps")
+    if carried != saga.steps[: len(carried)] or len(carried) >= len(saga.steps):
+        return _refuse(probe, f"{carried} are not the steps before one of {saga.steps}")
+    if ev.kwargs.get("from_step") != saga.steps[len(carried)]:
+        return _refuse(probe, f"the step after {carried} is {saga.steps[len(carried)]!r}")
+    return True
+
+
 def _cancel_requested(ev: Any) -> bool:
     if not getattr(ev.model.saga, "cancel_requested", None):
         return _refuse(ev.model, "no cancel was requested")
@@ -326,6 +340,12 @@ TRANSITIONS: list[dict[str, Any]] = [
         "source": RUNNING,
         "dest": COMPLETED,
         "conditions": _all_steps_completed,
+    },
+    {
+        "trigger": "fork_saga",
+        "source": PENDING,
+        "dest": PENDING,
+        "conditions": _carries_the_first_steps,
     },
     *(
         {"trigger": "request_cancel", "source": state, "dest": state}

@@ -19,6 +19,7 @@ from pgserver import PgServer, free_port
 
 from saga_es import (
     ConfigurationError,
+    ForkRefused,
     IllegalTransition,
     Saga,
     SagaApplication,
@@ -27,6 +28,7 @@ from saga_es import (
     SagaStatus,
     SagaUpdate,
     Step,
+    StepNotReached,
     VersionNotFound,
 )
 from saga_es.aggregate import replay
@@ -709,3 +711,92 @@ def test_a_cancel_racing_a_step_completion_leaves_one_legal_history(
         else:
             assert "do ship" not in log or "undo ship" in log
         assert app.verify() == []
+
+
+# -- fork ------------------------------------------------------------------------------------
+
+
+def _parcel(calls: list[str], label_works: bool, version: int = 1) -> SagaDefinition:
+    def step(name: str) -> Step:
+        def action(context: Any, key: str) -> None:
+            calls.append(f"do {name}")
+            if name == "label" and not label_works:
+                raise RuntimeError("label printer bug")
+            context[name] = len(calls)
+
+        return Step(name, action, lambda context, key: calls.append(f"undo {name}"))
+
+    return SagaDefinition("parcel", [step("pack"), step("weigh"), step("label")], version=version)
+
+
+def test_a_fork_after_a_fix_completes_where_the_original_failed(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    calls: list[str] = []
+    failed = app.run(_parcel(calls, label_works=False), {"parcel": 7})
+    assert failed.status == "compensated"
+    history = [r.event for r in app.history(failed.id)]
+    calls.clear()
+
+    forked = app.fork(failed.id, "label", _parcel(calls, label_works=True, version=2))
+    assert forked.status == "completed"
+    assert calls == ["do label"], "the carried-over steps did not run again"
+    assert forked.context_state == {"parcel": 7, "pack": 1, "weigh": 2, "label": 1}
+    assert forked.completed == ["pack", "weigh", "label"]
+    assert forked.forked_from == {"saga_id": str(failed.id), "version": 5, "from_step": "label"}
+    forked_history = reader.history(forked.id)
+    assert [r.event for r in forked_history] == [
+        "SagaStarted",
+        "SagaForked",
+        "StepStarted",
+        "StepCompleted",
+        "SagaCompleted",
+    ]
+    assert forked_history[1].details["carried"] == ["pack", "weigh"]
+    assert [r.event for r in reader.history(failed.id)] == history, "the original is untouched"
+    assert reader.verify() == []
+
+
+def test_a_failing_fork_compensates_the_steps_it_carried_over(app: SagaApplication) -> None:
+    calls: list[str] = []
+    failed = app.run(_parcel(calls, label_works=False), {})
+    calls.clear()
+    again = app.fork(failed.id, "label")  # the same, still broken, definition
+    assert again.status == "compensated"
+    assert calls == ["do label", "undo weigh", "undo pack"]
+
+
+def test_a_keyed_fork_runs_once(app: SagaApplication) -> None:
+    calls: list[str] = []
+    failed = app.run(_parcel(calls, label_works=False), {})
+    fixed = _parcel(calls, label_works=True, version=2)
+    first = app.fork(failed.id, "label", fixed, key="retry-1")
+    calls.clear()
+    assert app.fork(failed.id, "label", fixed, key="retry-1").id == first.id
+    assert calls == []
+
+
+def test_a_fork_that_cannot_be_carried_is_refused_and_stores_nothing(
+    app: SagaApplication,
+) -> None:
+    calls: list[str] = []
+    failed = app.run(_parcel(calls, label_works=False), {})
+    stored = app.stats()
+    with pytest.raises(ForkRefused) as missing:
+        app.fork(
+            failed.id,
+            "label",
+            SagaDefinition(
+                "parcel", [Step("pack", lambda c, k: None), Step("label", lambda c, k: None)]
+            ),
+        )
+    assert [(d.kind, d.step, d.blocking) for d in missing.value.divergences] == [
+        ("removed", "weigh", True)
+    ]
+    with pytest.raises(StepNotReached):
+        app.fork(failed.id, "ship")
+    with pytest.raises(ValueError, match="named 'other'"):
+        app.fork(failed.id, "label", SagaDefinition("other", [Step("label", lambda c, k: None)]))
+    with pytest.raises(SagaNotFound):
+        app.fork(uuid4(), "label")
+    assert app.stats() == stored

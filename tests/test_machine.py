@@ -75,6 +75,7 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
         "resolve_saga",
         "request_cancel",
         "cancel_saga",
+        "fork_saga",
     }
     assert not [t for t in TRIGGERS if t.startswith("to_")]
 
@@ -83,7 +84,7 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
     ("state", "triggers"),
     [
         (m.NEW, {"start_saga"}),
-        (m.PENDING, {"start_step", "request_cancel", "cancel_saga"}),
+        (m.PENDING, {"start_step", "request_cancel", "cancel_saga", "fork_saga"}),
         (
             m.RUNNING,
             {
@@ -147,6 +148,7 @@ def test_every_saga_event_class_is_one_trigger_and_has_a_stable_topic() -> None:
         Saga.SagaResolved,
         Saga.CancelRequested,
         Saga.SagaCancelled,
+        Saga.SagaForked,
     ]
     assert sorted(c.trigger for c in classes) == sorted(TRIGGERS)
     for cls in classes:
