@@ -483,8 +483,16 @@ class SagaApplication(Application[UUID]):
 
     @functools.cached_property
     def _keeps_statuses(self) -> bool:
-        """Whether the recorder wants status rows from us (not derived in the database)."""
-        return bool(getattr(self.recorder, "wants_status_rows", False))
+        """Whether the recorder wants status rows from us (not derived in the database).
+
+        A database derives them from each event's JSON state: when the mapper ciphers or
+        compresses the states, it cannot, so saga_es's recorders are told to take ours.
+        """
+        recorder = self.recorder
+        opaque = self.mapper.cipher is not None or self.mapper.compressor is not None
+        if opaque and isinstance(recorder, StatusRecorder):
+            recorder.wants_status_rows = True
+        return bool(getattr(recorder, "wants_status_rows", False))
 
     def _save(self, saga: Saga) -> Sequence[Saga.Event]:
         """`save(saga)` as one transaction; with nothing pending, no transaction at all."""
@@ -652,6 +660,12 @@ class SagaApplication(Application[UUID]):
                 raise ValueError(f"resolve needs {label}= (a non-empty string), got {value!r}")
         saga = self.get(saga_id)
         definition = self.definition(saga.name, saga.definition_version)
+        with tracing.saga_span(saga, "resolve"):
+            return self._resolve(saga, definition, action, by=by, reason=reason)
+
+    def _resolve(
+        self, saga: Saga, definition: SagaDefinition, action: str, *, by: str, reason: str
+    ) -> Saga:
         runner.resolve(saga, action, by=by, reason=reason)
         try:
             self._save(saga)
@@ -783,7 +797,8 @@ class SagaApplication(Application[UUID]):
             if drive and key in self.definitions:
                 definition, check = self.definitions[key], self._check_encodable
                 try:
-                    saga = runner.run(saga, definition, self._save, check, clock=self.clock)
+                    with tracing.saga_span(saga, "cancel"):
+                        saga = runner.run(saga, definition, self._save, check, clock=self.clock)
                 except IntegrityError:
                     return self._taken_over(saga)
             return saga
@@ -921,6 +936,8 @@ _LEVELS = {
     "SagaCompleted": logging.INFO,
     "SagaCompensated": logging.INFO,
     "SagaResolved": logging.INFO,
+    "SagaCancelled": logging.INFO,
+    "CancelRequested": logging.INFO,
     "StepFailed": logging.WARNING,
     "CompensationFailed": logging.WARNING,
     "SagaStuck": logging.ERROR,

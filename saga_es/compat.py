@@ -495,6 +495,11 @@ def fork(
             f"saga {source.id} was started from {source.name!r}: it cannot be forked under "
             f"a definition named {definition.name!r}"
         )
+    if source.status in IN_FLIGHT_STATES:
+        raise ValueError(
+            f"saga {source.id} is {source.status}: fork a saga that has ended (or is stuck), "
+            "else two sagas would run; cancel it first"
+        )
     if from_step not in source.attempts:
         raise StepNotReached(source.id, from_step)
     if from_step not in definition.step_names:
