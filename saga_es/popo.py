@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
-from eventsourcing.popo import POPOApplicationRecorder
+from eventsourcing.popo import POPOApplicationRecorder, POPOProcessRecorder
 
 from saga_es.status import SagaStatus, StatusQuery
 
@@ -74,3 +74,11 @@ class POPOSagaRecorder(POPOApplicationRecorder):
 
 def _order(row: SagaStatus) -> tuple[datetime, str]:
     return row.started_at, str(row.saga_id)
+
+
+class POPOSagaProcessRecorder(POPOSagaRecorder, POPOProcessRecorder):
+    """`POPOSagaRecorder` with eventsourcing's tracking: a `SagaProcess`'s recorder in memory.
+
+    A save carrying a tracking record appends the events, the status rows and the tracking
+    position under one lock, or none of them (a position already recorded is refused).
+    """

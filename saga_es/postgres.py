@@ -31,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Sequence
+from contextvars import ContextVar
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -39,12 +41,16 @@ import psycopg
 from eventsourcing.persistence import (
     InterfaceError,
     OperationalError,
+    ProcessRecorder,
     StoredEvent,
+    Tracking,
 )
 from eventsourcing.postgres import (
+    PgStoredEvent,
     PostgresAggregateRecorder,
     PostgresApplicationRecorder,
     PostgresDatastore,
+    PostgresTrackingRecorder,
 )
 from eventsourcing.utils import Environment, retry
 from psycopg import Connection
@@ -52,6 +58,7 @@ from psycopg.errors import DuplicateObject
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 from psycopg.types.composite import register_composite
+from psycopg.types.json import Jsonb
 
 from saga_es.errors import ConfigurationError, persistence_error
 from saga_es.settings import configuration_error
@@ -102,6 +109,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         *,
         events_table_name: str = "stored_events",
     ) -> None:
+        _apply_tls(datastore)  # before any connection: the pool has not opened yet
         super().__init__(datastore, events_table_name=events_table_name)
         self.insert_function_name = f"{events_table_name}_insert"
         self.check_identifier_length(self.insert_function_name)
@@ -137,6 +145,9 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         self.insert_call_statement = SQL(
             "SELECT {schema}.{function}(%s, %s) AS notification_id"
         ).format(schema=schema, function=function)
+        self.insert_with_statuses_call_statement = SQL(
+            "SELECT {schema}.{function}(%s, %s, %s) AS notification_id"
+        ).format(schema=schema, function=Identifier(self.insert_with_statuses_function_name))
         # Passed on each call (as stock's SET LOCAL does), not baked into the function
         # that every application on this table shares.
         self.lock_timeout = f"{self.datastore.lock_timeout}s"
@@ -144,7 +155,13 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         self._writer_lock = threading.Lock()
 
     wants_status_rows = False
-    """The insert function derives the status rows from the saved events, in its transaction."""
+    """The insert function derives the status rows from the saved events, in its transaction.
+
+    It reads JSON only: when the mapper ciphers or compresses the states,
+    `SagaApplication` sets this to True on the recorder and passes the rows itself
+    (`insert_events(..., saga_statuses=[...])`); they go to a second insert function
+    that upserts them, in the same call and transaction, instead of reading the events.
+    """
 
     def _add_status_projection(self) -> None:
         """The status table, and the function that derives its rows from saga events."""
@@ -204,6 +221,42 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         }
         for statement in statements:
             self.sql_create_statements.append(SQL(statement).format(**ids, **names))
+        # The insert function for ciphered or compressed states, which SQL cannot read: the
+        # application passes the status rows (JSON), upserted in the same transaction.
+        self.insert_with_statuses_function_name = f"{self.events_table_name}_insert_statuses"
+        self.check_identifier_length(self.insert_with_statuses_function_name)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE OR REPLACE FUNCTION {schema}.{function}"
+                "(events {schema}.{event_type}[], statuses jsonb, timeout text) "
+                "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
+                "BEGIN "
+                "PERFORM set_config('lock_timeout', timeout, true); "
+                "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
+                "NOTIFY {channel}; "
+                "RETURN QUERY "
+                "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+                "SELECT originator_id, originator_version, topic, state FROM unnest(events) "
+                "RETURNING notification_id; "
+                "INSERT INTO {schema}.{status} AS t (saga_id, name, definition_version, key, "
+                "status, step, version, started_at, updated_at) "
+                "SELECT * FROM jsonb_to_recordset(statuses) AS r(saga_id {id_type}, name text, "
+                "definition_version integer, key text, status text, step text, version bigint, "
+                "started_at timestamptz, updated_at timestamptz) "
+                "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
+                "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
+                "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
+                "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at; "
+                "END; "
+                "$BODY$"
+            ).format(
+                **{
+                    **ids,
+                    "function": Identifier(self.insert_with_statuses_function_name),
+                    "channel": Identifier(self.channel_name),
+                }
+            )
+        )
 
     def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
@@ -271,22 +324,31 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        """Insert the events in one statement; their notification ids, in order."""
+        """Insert the events in one statement; their notification ids, in order.
+
+        `saga_statuses=[...]` (given when the states are ciphered or compressed, so the
+        insert function cannot read them) are upserted by the same call.
+        """
         if not stored_events:
             return None
         rows = [
             self.construct_pg_stored_event(s.originator_id, s.originator_version, s.topic, s.state)
             for s in stored_events
         ]
-        params = (rows, self.lock_timeout)
+        statuses: Sequence[SagaStatus] = kwargs.get("saga_statuses") or ()
+        statement = self.insert_call_statement
+        params: tuple[Any, ...] = (rows, self.lock_timeout)
+        if statuses:
+            statement = self.insert_with_statuses_call_statement
+            params = (rows, _status_rows(statuses), self.lock_timeout)
         if self.datastore.pool.max_size < 2:  # keeping the only connection would starve reads
             with self.datastore.get_connection() as conn, conn.cursor() as curs:
-                curs.execute(self.insert_call_statement, params, prepare=True)
+                curs.execute(statement, params, prepare=True)
                 return [row["notification_id"] for row in curs.fetchall()]
         with self._writer_lock:
             conn = self._writer or self._take_writer()
             try:
-                curs = conn.execute(self.insert_call_statement, params, prepare=True)
+                curs = conn.execute(statement, params, prepare=True)
                 return [row["notification_id"] for row in curs.fetchall()]
             except psycopg.Error as e:
                 if conn.broken or conn.closed:
@@ -335,30 +397,209 @@ def _status(row: DictRow) -> SagaStatus:
     )
 
 
+def _status_rows(statuses: Sequence[SagaStatus]) -> Jsonb:
+    """The rows as the insert function takes them: JSON, one object per saga (the last wins)."""
+    latest = {row.saga_id: row for row in statuses}
+    return Jsonb(
+        [
+            {
+                "saga_id": str(row.saga_id),
+                "name": row.name,
+                "definition_version": row.definition_version,
+                "key": row.key,
+                "status": row.status,
+                "step": row.step,
+                "version": row.version,
+                "started_at": row.started_at.isoformat(),
+                "updated_at": row.updated_at.isoformat(),
+            }
+            for row in latest.values()
+        ]
+    )
+
+
+TLS_SETTINGS = {
+    "POSTGRES_SSLMODE": "sslmode",
+    "POSTGRES_SSLROOTCERT": "sslrootcert",
+    "POSTGRES_SSLCERT": "sslcert",
+    "POSTGRES_SSLKEY": "sslkey",
+    "POSTGRES_SSLCRL": "sslcrl",
+}
+"""The settings saga_es passes to every PostgreSQL connection, as these libpq options.
+
+eventsourcing reads none of them; unset, libpq's own defaults apply (`PGSSLMODE`, ...
+in the process environment, else `sslmode=prefer`).
+"""
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+_TLS_FAILURES = (  # (words in libpq's message, the setting to name), first match wins
+    (("root certificate", "certificate verify"), "POSTGRES_SSLROOTCERT"),
+    (("private key",), "POSTGRES_SSLKEY"),
+    (("certificate file", "client certificate"), "POSTGRES_SSLCERT"),
+    (("revocation", "crl"), "POSTGRES_SSLCRL"),
+    (("ssl", "tls", "certificate"), "POSTGRES_SSLMODE"),
+)
+
+_pending_tls: ContextVar[tuple[tuple[str, ...], dict[str, str]] | None] = ContextVar(
+    "saga_es_postgres_tls", default=None
+)
+"""TLS options `check_settings` read, for the recorder the application builds next."""
+
+
+def tls_options(env: Environment) -> dict[str, str]:
+    """The libpq TLS options the `POSTGRES_SSL*` settings ask for (checked, naming the setting)."""
+    options: dict[str, str] = {}
+    for setting, option in TLS_SETTINGS.items():
+        value = (env.get(setting) or "").strip()
+        if not value:
+            continue
+        if option == "sslmode" and value not in SSL_MODES:
+            raise ConfigurationError(
+                setting, f"expected one of {', '.join(SSL_MODES)}, got {value!r}"
+            )
+        is_file = option != "sslmode" and not (option == "sslrootcert" and value == "system")
+        if is_file and not Path(value).expanduser().is_file():
+            raise ConfigurationError(setting, f"no such file: {value}")
+        options[option] = value
+    return options
+
+
+def _target(kwargs: Any) -> tuple[str, ...]:
+    """Which server, database and user a connection's settings are for."""
+    return tuple(str(kwargs.get(k) or "") for k in ("host", "port", "dbname", "user"))
+
+
+def _apply_tls(datastore: PostgresDatastore) -> None:
+    """Give the datastore's pool the TLS options `check_settings` read for its server."""
+    pending = _pending_tls.get()
+    kwargs = datastore.pool.kwargs
+    if pending is None or not isinstance(kwargs, dict) or pending[0] != _target(kwargs):
+        return
+    _pending_tls.set(None)
+    kwargs.update(pending[1])
+
+
 def check_settings(env: Environment) -> None:
-    """Fail fast, naming the setting, where the pool would only time out."""
+    """Fail fast, naming the setting, where the pool would only time out.
+
+    It also reads the TLS settings (`TLS_SETTINGS`), which eventsourcing does not, and
+    hands them, in this thread's context, to the saga_es recorder the application builds
+    next, so that every connection of its pool passes them.
+    """
     for name in ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER"):
         if env.get(name) == "":
             raise ConfigurationError(name, "is set but empty")
         if env.get(name) is None:
             return  # eventsourcing names a missing setting itself
+    port = env.get("POSTGRES_PORT") or "5432"
+    tls = tls_options(env)
+    target: dict[str, Any] = {
+        "host": env.get("POSTGRES_HOST"),
+        "port": port,
+        "dbname": env.get("POSTGRES_DBNAME"),
+        "user": env.get("POSTGRES_USER"),
+    }
+    _pending_tls.set((_target(target), tls) if tls else None)
     if env.get("POSTGRES_GET_PASSWORD_TOPIC"):
         return
     try:
         timeout = max(1, min(int(env.get("POSTGRES_CONNECT_TIMEOUT") or 5), 5))
     except ValueError:
         return
+    password = env.get("POSTGRES_PASSWORD") or ""
     try:
-        psycopg.connect(
-            dbname=env.get("POSTGRES_DBNAME"),
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT") or "5432",
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD") or "",
-            connect_timeout=timeout,
-        ).close()
+        options: dict[str, Any] = {**target, **tls, "connect_timeout": timeout}
+        psycopg.connect(**options, password=password).close()
     except psycopg.OperationalError as e:
-        where = f"{env.get('POSTGRES_HOST')}:{env.get('POSTGRES_PORT') or '5432'}"
+        where = f"{env.get('POSTGRES_HOST')}:{port}"
         reason = " ".join(str(e).split()) or type(e).__name__
         message = f"cannot connect to PostgreSQL at {where}: {reason}"
+        lowered = reason.lower()
+        for words, setting in _TLS_FAILURES:
+            if env.get(setting) and any(word in lowered for word in words):
+                if password:
+                    message = message.replace(password, "***")
+                raise ConfigurationError(setting, message) from None
         raise configuration_error(RuntimeError(message), env) from None
+
+
+class PostgresSagaProcessRecorder(
+    PostgresTrackingRecorder, PostgresOneCallRecorder, ProcessRecorder
+):
+    """`PostgresOneCallRecorder` plus eventsourcing's tracking table: a `SagaProcess`'s recorder.
+
+    A save without a tracking record is still one autocommit call. A save with one runs
+    BEGIN; the tracking upsert; the insert function (table lock, NOTIFY, the events, the
+    status rows); COMMIT, on the same connection: the events, their status rows and the
+    tracking position commit together or not at all. The tracking row goes first, so a
+    redelivered domain event fails fast, before the table lock.
+    """
+
+    def __init__(
+        self,
+        datastore: PostgresDatastore,
+        *,
+        events_table_name: str = "stored_events",
+        tracking_table_name: str = "notification_tracking",
+    ) -> None:
+        super().__init__(
+            datastore,
+            tracking_table_name=tracking_table_name,
+            events_table_name=events_table_name,
+        )
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """Insert the events, and the tracking record if any, in one transaction."""
+        tracking: Tracking | None = kwargs.get("tracking")
+        ids: Sequence[int] | None
+        if tracking is None:
+            ids = super().insert_events(stored_events, **kwargs)
+        else:
+            statuses: Sequence[SagaStatus] = kwargs.get("saga_statuses") or ()
+            ids = self._insert_tracked(stored_events, tracking, statuses)
+        return ids
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _insert_tracked(
+        self,
+        stored_events: Sequence[StoredEvent],
+        tracking: Tracking,
+        statuses: Sequence[SagaStatus],
+    ) -> Sequence[int]:
+        rows = [
+            self.construct_pg_stored_event(s.originator_id, s.originator_version, s.topic, s.state)
+            for s in stored_events
+        ]
+        if self.datastore.pool.max_size < 2:  # keeping the only connection would starve reads
+            with self.datastore.get_connection() as conn:
+                return self._tracked_transaction(conn, rows, tracking, statuses)
+        with self._writer_lock:
+            conn = self._writer or self._take_writer()
+            try:
+                return self._tracked_transaction(conn, rows, tracking, statuses)
+            except psycopg.Error as e:
+                if conn.broken or conn.closed:
+                    self._give_back_writer()  # the retry takes a fresh one
+                raise persistence_error(e) from e
+
+    def _tracked_transaction(
+        self,
+        conn: Connection[DictRow],
+        rows: list[PgStoredEvent],
+        tracking: Tracking,
+        statuses: Sequence[SagaStatus],
+    ) -> list[int]:
+        # The same insert function `insert_events` calls, inside this transaction.
+        statement = self.insert_call_statement
+        params: tuple[Any, ...] = (rows, self.lock_timeout)
+        if statuses:  # states SQL cannot read: the application's rows, upserted by the call
+            statement = self.insert_with_statuses_call_statement
+            params = (rows, _status_rows(statuses), self.lock_timeout)
+        with conn.transaction(), conn.cursor() as curs:
+            self._insert_tracking(curs, tracking)
+            if not rows:
+                return []
+            curs.execute(statement, params, prepare=True)
+            return [row["notification_id"] for row in curs.fetchall()]

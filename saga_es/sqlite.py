@@ -10,6 +10,8 @@ ONE autocommit statement, `INSERT ... VALUES (...), (...) RETURNING rowid`: one
 implicit transaction, all rows or none, one durable commit. Larger saves (more
 than `MAX_ROWS_PER_STATEMENT` events) and saves carrying a tracking record use
 eventsourcing's own insert code inside BEGIN/COMMIT on the same connection.
+When the states are ciphered or compressed, the save is BEGIN, that statement,
+the status rows the application passes, COMMIT: still one transaction.
 
 The table, the rowid notification log, durability and errors are eventsourcing's;
 readers keep using the pool, which still owns the writer connection and closes it
@@ -29,12 +31,17 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import (
+    OperationalError,
+    ProcessRecorder,
     StoredEvent,
+    Tracking,
 )
 from eventsourcing.sqlite import (
     SQLiteApplicationRecorder,
     SQLiteConnection,
+    SQLiteCursor,
     SQLiteDatastore,
+    SQLiteTrackingRecorder,
 )
 
 from saga_es.errors import persistence_error
@@ -65,7 +72,12 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         self._statements: dict[int, str] = {}
 
     wants_status_rows = False
-    """The status rows are derived from each saga event by a trigger, in the same transaction."""
+    """The status rows are derived from each saga event by a trigger, in the same transaction.
+
+    Triggers read JSON only: when the mapper ciphers or compresses the states,
+    `SagaApplication` sets this to True on the recorder and passes the rows itself
+    (`insert_events(..., saga_statuses=[...])`), written in the same transaction.
+    """
 
     @property
     def status_table_name(self) -> str:
@@ -86,7 +98,12 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         table, status, flight = self.events_table_name, self.status_table_name, self.flight
         state = "CAST(NEW.state AS TEXT)"
         at = f"json_extract({state}, '$.timestamp._data_')"
-        saga_event = "NEW.topic LIKE 'saga_es:%' AND substr(NEW.state, 1, 1) = X'7B'"
+        # Only a JSON state is read: a ciphered or compressed one (whose first byte may be
+        # '{' by chance) is left to the rows the application passes (`saga_statuses`).
+        saga_event = (
+            "NEW.topic LIKE 'saga_es:%' AND substr(NEW.state, 1, 1) = X'7B' "
+            f"AND json_valid({state})"
+        )
         ends = ", ".join(f"'saga_es:{e}'" for e in _ENDING_EVENTS)
         previous_step = (
             f"(SELECT json_extract(CAST(p.state AS TEXT), '$.step') FROM {table} p "
@@ -187,27 +204,35 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
 
     def write_statuses(self, rows: Sequence[SagaStatus]) -> None:
         """Upsert rows on their own."""
-        statement = f"INSERT OR REPLACE INTO {self.status_table_name} VALUES (?,?,?,?,?,?,?,?,?)"
         with self.datastore.transaction(commit=True) as c:
-            for row in rows:
-                if row.status in IN_FLIGHT_STATES:
-                    c.execute(f"INSERT OR IGNORE INTO {self.flight} VALUES (?)", (row.saga_id.hex,))
-                else:
-                    c.execute(f"DELETE FROM {self.flight} WHERE saga_id = ?", (row.saga_id.hex,))
-                c.execute(
-                    statement,
-                    (
-                        row.saga_id.hex,
-                        row.name,
-                        row.definition_version,
-                        row.key,
-                        row.status,
-                        row.step,
-                        row.version,
-                        row.started_at.isoformat(),
-                        row.updated_at.isoformat(),
-                    ),
+            self._upsert_statuses(c.sqlite_cursor, rows)
+
+    def _upsert_statuses(self, c: sqlite3.Cursor, rows: Sequence[SagaStatus]) -> None:
+        """Write rows (and the in-flight ids) in the caller's transaction; a saga's last wins."""
+        rows = list({row.saga_id: row for row in rows}.values())
+        flight = [(row.saga_id.hex,) for row in rows if row.status in IN_FLIGHT_STATES]
+        ended = [(row.saga_id.hex,) for row in rows if row.status not in IN_FLIGHT_STATES]
+        if flight:
+            c.executemany(f"INSERT OR IGNORE INTO {self.flight} VALUES (?)", flight)
+        if ended:
+            c.executemany(f"DELETE FROM {self.flight} WHERE saga_id = ?", ended)
+        c.executemany(
+            f"INSERT OR REPLACE INTO {self.status_table_name} VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    row.saga_id.hex,
+                    row.name,
+                    row.definition_version,
+                    row.key,
+                    row.status,
+                    row.step,
+                    row.version,
+                    row.started_at.isoformat(),
+                    row.updated_at.isoformat(),
                 )
+                for row in rows
+            ],
+        )
 
     def delete_statuses(self) -> None:
         """Remove every row."""
@@ -218,19 +243,31 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        """Insert the events in one transaction on the writer connection; their rowids."""
+        """Insert the events in one transaction on the writer connection; their rowids.
+
+        `saga_statuses=[...]` (given when the states are ciphered or compressed, so the
+        triggers cannot read them) are upserted in the same transaction.
+        """
         pool = self.datastore.pool
         if pool.is_sqlite_memory_mode:
             return super().insert_events(stored_events, **kwargs)
         one_statement = (
             0 < len(stored_events) <= MAX_ROWS_PER_STATEMENT and kwargs.get("tracking") is None
         )
+        statuses: Sequence[SagaStatus] = kwargs.get("saga_statuses") or ()
         with self._writer_lock:
             writer = self._writer
             if writer is None or writer.closed:
                 writer = self._writer = pool.get_connection()
             if one_statement:  # the common case, straight on the driver's connection
                 try:
+                    if statuses:  # the events' statement and the rows: one transaction
+                        conn = writer._sqlite_conn
+                        conn.execute("BEGIN")
+                        rowids = self._insert_in_one_statement(writer, stored_events)
+                        self._upsert_statuses(conn.cursor(), statuses)
+                        conn.commit()
+                        return rowids
                     return self._insert_in_one_statement(writer, stored_events)
                 except sqlite3.Error as e:
                     writer.rollback()
@@ -253,6 +290,16 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             finally:
                 cursor.sqlite_cursor.close()
             return ids
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """The events as eventsourcing inserts them, then the `saga_statuses` rows given."""
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        statuses: Sequence[SagaStatus] = kwargs.get("saga_statuses") or ()
+        if statuses:
+            self._upsert_statuses(c.sqlite_cursor, statuses)
+        return ids
 
     def _insert_in_one_statement(
         self, writer: SQLiteConnection, stored_events: Sequence[StoredEvent]
@@ -293,3 +340,77 @@ def _status(row: Any) -> SagaStatus:
         started_at=datetime.fromisoformat(row[7]),
         updated_at=datetime.fromisoformat(row[8]),
     )
+
+
+class SQLiteSagaProcessRecorder(SQLiteTrackingRecorder, SQLiteWriterRecorder, ProcessRecorder):
+    """`SQLiteWriterRecorder` plus a tracking table: the recorder of a `SagaProcess`.
+
+    A save that carries a tracking record inserts the events (the triggers write the status
+    rows) and the tracking row in one transaction on the writer connection, so a domain
+    event whose processing committed is never processed again. The tracking table is
+    named by the caller (`SagaProcess` uses `<name>_tracking`) instead of eventsourcing's
+    fixed `tracking`, so that process applications can share one SQLite file.
+    """
+
+    def __init__(
+        self,
+        datastore: SQLiteDatastore,
+        *,
+        events_table_name: str = "stored_events",
+        tracking_table_name: str = "tracking",
+    ) -> None:
+        self.tracking_table_name = tracking_table_name  # the create statements name it
+        super().__init__(datastore, events_table_name=events_table_name)
+        table = tracking_table_name
+        if self.datastore.single_row_tracking:
+            self.insert_tracking_statement = (
+                f"INSERT INTO {table} VALUES (:application_name, :notification_id) "
+                "ON CONFLICT (application_name) DO UPDATE SET notification_id = :notification_id "
+                f"WHERE {table}.notification_id < :notification_id RETURNING notification_id"
+            )
+        else:
+            self.insert_tracking_statement = (
+                f"INSERT INTO {table} VALUES (:application_name, :notification_id)"
+            )
+        self.select_max_tracking_id_statement = (
+            f"SELECT MAX(notification_id) FROM {table} WHERE application_name=?"
+        )
+
+    def construct_create_table_statements(self) -> list[str]:
+        """The events table with its status projection, and the tracking table."""
+        # Past eventsourcing's tracking recorder, whose statement names the table `tracking`.
+        statements = super(SQLiteTrackingRecorder, self).construct_create_table_statements()
+        key = (
+            "application_name"
+            if self.datastore.single_row_tracking
+            else "application_name, notification_id"
+        )
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {self.tracking_table_name} ("
+            f"application_name TEXT, notification_id INTEGER, PRIMARY KEY ({key})) WITHOUT ROWID"
+        )
+        return statements
+
+    def _create_table(self, c: SQLiteCursor) -> None:
+        # eventsourcing's version migrates a multi-row table literally named `tracking`.
+        if (
+            self.datastore.single_row_tracking
+            and self.tracking_table_exists
+            and not self.tracking_migration_previous
+        ):
+            raise OperationalError(
+                f"{self.tracking_table_name} holds multi-row tracking; set SINGLE_ROW_TRACKING=no"
+            )
+        super(SQLiteTrackingRecorder, self)._create_table(c)
+        if self.datastore.single_row_tracking and not self.tracking_table_exists:
+            self._insert_tracking(c, Tracking(self.table_migration_identifier, 1))
+            self.tracking_migration_current = 1
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        tracking: Tracking | None = kwargs.get("tracking")
+        if tracking is not None:
+            self._insert_tracking(c, tracking)
+        return ids
