@@ -1,31 +1,49 @@
-"""`saga-es bench`: sequential sagas on each store, against that store's commit floor.
+"""`saga-es bench`: saga_es against floors measured in the same run, as ratios.
 
 On a durable store a saga's speed is bounded by how fast the store commits, and
-that differs between machines. So each store is measured twice in the same run,
-in interleaved rounds (floor, sagas, floor, sagas, ...): N five-step sagas run
-through `SagaApplication`, and the floor, the same number of single-row
-INSERT+COMMIT transactions per saga written with the bare driver (sqlite3 in WAL
-with synchronous=FULL, psycopg). Medians of the rounds, and their ratio, say how
-much of the store's commit rate saga_es keeps; machine noise hits both alike.
-Commits per saga are counted at the recorder, not assumed. POPO has no floor:
-its target is absolute.
+that differs between machines. So each figure is measured next to its floor, in
+the same run:
+
+- Sequential sagas, per store: N five-step sagas run one after another through
+  `SagaApplication`, in interleaved rounds with the floor (floor, sagas, floor,
+  sagas, ...): the same number of single-row INSERT+COMMIT transactions per saga
+  written with the bare driver (sqlite3 in WAL with synchronous=FULL, psycopg).
+  Medians of the rounds, and their ratio, say how much of the store's commit rate
+  saga_es keeps; machine noise hits both alike. Commits per saga are counted at the
+  recorder, not assumed. POPO has no floor: its target is absolute.
+- Sagas in flight, per durable store: N sagas whose steps each await 5 ms of
+  simulated I/O, run at once on one event loop (`asyncio.gather` of `arun`, so the
+  group commit batches their boundaries), against the same sagas run one after
+  another on the same store.
+- Worker processes: N submitted sagas with the same I/O-bound steps, run by 1, 2,
+  4 `saga-es worker` processes sharing one PostgreSQL; the figure is K workers
+  against one.
+- Memory: resident memory after many sagas in one process against what it was
+  after the first 1,000, on SQLite (POPO keeps every event in memory by design).
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import platform
+import signal
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from eventsourcing.persistence import ApplicationRecorder, StoredEvent
@@ -36,7 +54,10 @@ from saga_es import recovery
 from saga_es.aggregate import Saga
 from saga_es.application import SagaApplication
 from saga_es.definition import SagaDefinition, Step
-from saga_es.machine import COMPLETED
+from saga_es.machine import COMPLETED, STUCK, TERMINAL_STATES
+
+if TYPE_CHECKING:
+    import psycopg
 
 STORES = ("popo", "sqlite", "postgres")
 """The stores measured by default, each with the recorder `SagaApplication` picks for it."""
@@ -48,12 +69,30 @@ STOCK_RECORDERS = {
 CHOICES = (*STORES, "sqlite-stock", "postgres-stock")
 """`--stores` also takes `<store>-stock`: the same store through eventsourcing's own recorder."""
 STEPS = 5
-RATIO_TARGET = 0.6
-"""Sagas/s over floor/s that SQLite and PostgreSQL must reach (issue 2; later issues: 0.8)."""
+RATIO_TARGET = 0.8
+"""Sagas/s over floor/s that SQLite and PostgreSQL must reach (issue 7)."""
 POPO_TARGET = 3000.0
 """Sagas/s that POPO must stay well above: it has no commit to wait for."""
 BENCH_APP_NAME = "SagaEsBench"
 """The bench's own application name, so its PostgreSQL tables never touch a user's."""
+IO_SECONDS = 0.005
+"""Simulated I/O per step of the in-flight and worker figures: each step awaits this long."""
+CONCURRENT_TARGET = 5.0
+"""Sagas in flight must run at least this many times the rate of the same sagas one by one."""
+SEQUENTIAL_IO_SAGAS = 20
+"""I/O-bound sagas run one after another per round: the floor of the in-flight figure."""
+WORKERS_TARGET = 2.5
+"""4 worker processes must run at least this many times the sagas per second of one."""
+WORKER_SCHEMA = f"{BENCH_APP_NAME.lower()}_workers"
+"""The PostgreSQL schema the worker figure runs in: `saga-es worker` runs a plain
+`SagaApplication`, whose tables are named after it, so the bench gives it a schema of
+its own (`POSTGRES_SCHEMA`) and drops it afterwards, never touching a user's tables."""
+MEMORY_BASELINE = 1_000
+"""Sagas completed before the memory figure's first reading."""
+MEMORY_BATCH = 200
+"""Sagas in flight at once while the memory figure runs (each batch is gathered)."""
+MEMORY_LIMIT_MB = 100.0
+"""Resident memory may grow at most this much from the first reading to the last."""
 
 
 class BenchApplication(SagaApplication):
@@ -82,6 +121,20 @@ class PostgresSettings:
             "POSTGRES_USER": self.user,
             "POSTGRES_PASSWORD": self.password,
         }
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+        """An autocommit psycopg connection (psycopg is imported only when it is used)."""
+        import psycopg
+
+        return psycopg.connect(
+            dbname=self.dbname,
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            autocommit=True,
+            **kwargs,
+        )
 
 
 @dataclass
@@ -119,6 +172,66 @@ class RecoveryResult:
 
 
 @dataclass
+class ConcurrentResult:
+    """Sagas with I/O-bound steps in flight together, against the same run one by one."""
+
+    store: str
+    sagas: int
+    """Sagas in flight at once (one `asyncio.gather` of `arun`)."""
+    sequential_sagas: int = 0
+    """Sagas run one after another per round, for the floor."""
+    io_ms_per_step: float = IO_SECONDS * 1000
+    sagas_per_s: float | None = None
+    commits_per_saga: float | None = None
+    sequential_per_s: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    rounds: list[float] = field(default_factory=list)
+    sequential_rounds: list[float] = field(default_factory=list)
+    skipped: str | None = None
+
+
+@dataclass
+class WorkersResult:
+    """Submitted sagas run by K `saga-es worker` processes on one PostgreSQL, per K."""
+
+    store: str = "postgres"
+    sagas: int = 0
+    concurrency: int = 0
+    """`--concurrency` of each worker process."""
+    io_ms_per_step: float = IO_SECONDS * 1000
+    workers: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    sagas_per_s: list[float] = field(default_factory=list)
+    """Sagas per second with `workers[i]` processes."""
+    ratio: float | None = None
+    """The most workers' sagas per second over the fewest's."""
+    target: str = ""
+    met: bool | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class MemoryResult:
+    """Resident memory of one process after many sagas, against after the first ones."""
+
+    store: str = "sqlite"
+    sagas: int = 0
+    baseline_sagas: int = 0
+    in_flight: int = MEMORY_BATCH
+    rss_baseline_mb: float | None = None
+    """VmRSS after `baseline_sagas` completed sagas."""
+    rss_end_mb: float | None = None
+    """VmRSS after `sagas` completed sagas."""
+    growth_mb: float | None = None
+    sagas_per_s: float | None = None
+    target: str = ""
+    met: bool | None = None
+    skipped: str | None = None
+
+
+@dataclass
 class BenchResult:
     """Every figure of one bench run, as `--json` writes it."""
 
@@ -130,6 +243,9 @@ class BenchResult:
     cpus: int
     stores: list[StoreResult]
     recovery: list[RecoveryResult] = field(default_factory=list)
+    concurrent: list[ConcurrentResult] = field(default_factory=list)
+    workers: WorkersResult | None = None
+    memory: MemoryResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -146,6 +262,21 @@ def _noop(context: Any, key: str) -> None:
 DEFINITION = SagaDefinition(
     "bench", [Step(f"step{i}", _noop, compensation=_noop) for i in range(1, STEPS + 1)]
 )
+
+
+async def _io(context: Any, key: str) -> None:
+    """A step that waits on simulated I/O, as a call to another service would."""
+    await asyncio.sleep(IO_SECONDS)
+
+
+async def _anoop(context: Any, key: str) -> None:
+    """An async step that does nothing: the memory figure measures saga_es alone."""
+
+
+IO_SAGA = SagaDefinition("bench_io", [Step(f"step{i}", _io) for i in range(1, STEPS + 1)])
+"""Five steps of 5 ms simulated I/O each; `saga-es worker --definitions saga_es.bench:IO_SAGA`
+runs it in the worker figure's processes."""
+ASYNC_SAGA = SagaDefinition("bench_async", [Step(f"step{i}", _anoop) for i in range(1, STEPS + 1)])
 
 
 class _CommitCounter:
@@ -177,10 +308,33 @@ def _run_sagas(app: SagaApplication, n: int) -> float:
     """Seconds to run `n` sagas one after another; each must complete."""
     started = time.perf_counter()
     for i in range(n):
-        saga = app.run(DEFINITION, {"n": i})
+        _check_completed([app.run(DEFINITION, {"n": i})])
+    return time.perf_counter() - started
+
+
+async def _in_flight(
+    app: SagaApplication, definition: SagaDefinition, n: int, first: int = 0
+) -> float:
+    """Seconds to run `n` sagas at once on the running event loop; each must complete."""
+    started = time.perf_counter()
+    sagas = await asyncio.gather(*(app.arun(definition, {"n": first + i}) for i in range(n)))
+    seconds = time.perf_counter() - started
+    _check_completed(sagas)
+    return seconds
+
+
+async def _one_by_one(app: SagaApplication, definition: SagaDefinition, n: int) -> float:
+    """Seconds to run `n` sagas one after another on the running event loop."""
+    started = time.perf_counter()
+    for i in range(n):
+        _check_completed([await app.arun(definition, {"n": i})])
+    return time.perf_counter() - started
+
+
+def _check_completed(sagas: Sequence[Saga]) -> None:
+    for saga in sagas:
         if saga.status != COMPLETED:
             raise click.ClickException(f"bench saga {saga.id} ended {saga.status}, not completed")
-    return time.perf_counter() - started
 
 
 # -- the floors: one single-row INSERT+COMMIT transaction at a time, bare driver --------
@@ -231,16 +385,7 @@ class _PostgresFloor(_Floor):
     TABLE = f"{BENCH_APP_NAME.lower()}_floor"
 
     def __init__(self, settings: PostgresSettings) -> None:
-        import psycopg  # only when PostgreSQL is benchmarked
-
-        self.conn = psycopg.connect(
-            dbname=settings.dbname,
-            host=settings.host,
-            port=settings.port,
-            user=settings.user,
-            password=settings.password,
-            autocommit=True,
-        )
+        self.conn = settings.connect()
         self.conn.execute(f"DROP TABLE IF EXISTS {self.TABLE}")
         self.conn.execute(
             f"CREATE TABLE {self.TABLE} (originator_id uuid NOT NULL, "
@@ -271,20 +416,28 @@ class _PostgresFloor(_Floor):
 
 
 def _drop_bench_tables(settings: PostgresSettings) -> None:
-    """Start and end with no bench tables, so every run writes into the same shape."""
-    import psycopg
+    """Start and end with no bench tables, so every run writes into the same shape.
 
-    prefix = BENCH_APP_NAME.lower()
-    with psycopg.connect(
-        dbname=settings.dbname,
-        host=settings.host,
-        port=settings.port,
-        user=settings.user,
-        password=settings.password,
-        autocommit=True,
-    ) as conn:
-        for suffix in ("events", "snapshots", "tracking", "floor"):
-            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{suffix} CASCADE")
+    Everything named after the bench application goes: its events, snapshots, status
+    and floor tables, and saga_es's insert functions (which no table depends on).
+    """
+    prefix = BENCH_APP_NAME.lower().replace("_", "\\_") + "\\_%"
+    with settings.connect() as conn:
+        tables = conn.execute(
+            "SELECT quote_ident(tablename) FROM pg_tables "
+            "WHERE schemaname = current_schema() AND tablename LIKE %s",
+            [prefix],
+        ).fetchall()
+        functions = conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = current_schema() AND p.proname LIKE %s",
+            [prefix],
+        ).fetchall()
+        for (table,) in tables:
+            conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+        for (function,) in functions:
+            conn.execute(f"DROP FUNCTION IF EXISTS {function} CASCADE")
 
 
 # -- one store -------------------------------------------------------------------------
@@ -292,37 +445,39 @@ def _drop_bench_tables(settings: PostgresSettings) -> None:
 
 @contextmanager
 def _store(
-    store: str, workdir: Path, postgres: PostgresSettings | None
+    store: str, workdir: Path, postgres: PostgresSettings | None, *, floor: bool = True
 ) -> Iterator[tuple[SagaApplication, _Floor | None, dict[str, Any]]]:
-    """The store's application, its floor (None for POPO) and what describes them."""
+    """The store's application, its floor (None for POPO, or if not wanted) and settings."""
     kind, _, variant = store.partition("-")
     # Each store names its recorder: "" is saga_es's default, "-stock" eventsourcing's own.
     env: dict[str, str] = {"APPLICATION_RECORDER_TOPIC": STOCK_RECORDERS[kind] if variant else ""}
     settings: dict[str, Any] = {}
-    floor: _Floor | None = None
+    the_floor: _Floor | None = None
     if kind == "popo":
         env["PERSISTENCE_MODULE"] = "eventsourcing.popo"
     elif kind == "sqlite":
         env["PERSISTENCE_MODULE"] = "eventsourcing.sqlite"
         env["SQLITE_DBNAME"] = str(workdir / "sagas.db")
-        floor = _SQLiteFloor(workdir / "floor.db")
+        if floor:
+            the_floor = _SQLiteFloor(workdir / "floor.db")
     else:
         assert postgres is not None
         _drop_bench_tables(postgres)
         env.update(postgres.env())
-        floor = _PostgresFloor(postgres)
+        if floor:
+            the_floor = _PostgresFloor(postgres)
         settings = {"dbname": postgres.dbname, "host": postgres.host, "port": postgres.port}
     try:
         app = BenchApplication(env=env)
         try:
             if kind == "sqlite":
                 settings = _sqlite_settings(workdir / "sagas.db")
-            yield app, floor, settings
+            yield app, the_floor, settings
         finally:
             app.close()
     finally:
-        if floor is not None:
-            floor.close()
+        if the_floor is not None:
+            the_floor.close()
         if kind == "postgres" and postgres is not None:
             _drop_bench_tables(postgres)
 
@@ -446,6 +601,275 @@ def _bench_recovery(
     return result
 
 
+# -- sagas in flight, against the same sagas one by one ---------------------------------
+
+
+def _bench_concurrent(
+    store: str,
+    *,
+    sagas: int,
+    rounds: int,
+    workdir: Path,
+    postgres: PostgresSettings | None,
+    progress: Callable[[str], None],
+) -> ConcurrentResult:
+    """`sagas` I/O-bound sagas gathered on one loop, interleaved with the same one by one."""
+    sequential = min(SEQUENTIAL_IO_SAGAS, sagas)
+    result = ConcurrentResult(store=store, sagas=sagas, sequential_sagas=sequential)
+    with _store(store, workdir, postgres, floor=False) as (app, _, _):
+        counter = _CommitCounter(app.recorder)
+        counter.sizing = False
+
+        async def measure() -> int:
+            await _in_flight(app, IO_SAGA, min(sagas, 20))  # warm up: pool, threads, statements
+            commits = 0
+            for r in range(1, rounds + 1):
+                progress(f"{store}: in flight: round {r}/{rounds}: {sequential} one by one")
+                seconds = await _one_by_one(app, IO_SAGA, sequential)
+                result.sequential_rounds.append(sequential / seconds)
+                progress(f"{store}: in flight: round {r}/{rounds}: {sagas} at once")
+                counter.commits = 0
+                result.rounds.append(sagas / await _in_flight(app, IO_SAGA, sagas))
+                commits += counter.commits
+            return commits
+
+        commits = asyncio.run(measure())
+    result.commits_per_saga = commits / (sagas * rounds)
+    result.sagas_per_s = statistics.median(result.rounds)
+    result.sequential_per_s = statistics.median(result.sequential_rounds)
+    result.ratio = result.sagas_per_s / result.sequential_per_s
+    result.target = f">= {CONCURRENT_TARGET:g}x one by one, < 1 commit/saga"
+    result.met = result.ratio >= CONCURRENT_TARGET and result.commits_per_saga < 1
+    return result
+
+
+# -- worker processes on one PostgreSQL --------------------------------------------------
+
+
+class _Worker:
+    """One `saga-es worker` process; a thread drains its log and keeps the last lines."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.process = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.ready = threading.Event()
+        """Set once the worker logs that it started (its store is open)."""
+        self.unreachable = False
+        self.tail: deque[str] = deque(maxlen=20)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.tail.append(line.rstrip())
+            if "started:" in line:
+                self.ready.set()
+            elif "cannot reach the store" in line:
+                self.unreachable = True  # it would retry for ever
+
+    def failure(self, what: str) -> click.ClickException:
+        """An error naming the worker, with the end of its log."""
+        self._reader.join(timeout=1)
+        log = "\n".join(self.tail)
+        return click.ClickException(
+            f"bench worker process {self.process.pid} {what}"
+            + (f"; its log:\n{log}" if log else "")
+        )
+
+    def wait_ready(self, deadline: float) -> None:
+        """Return once the worker has started; raise if it exits or takes past `deadline`."""
+        while not self.ready.wait(0.05):
+            if self.process.poll() is not None:
+                raise self.failure(f"exited with status {self.process.returncode} before starting")
+            if self.unreachable or time.monotonic() > deadline:
+                raise self.failure("did not start")
+
+    def stop(self) -> int:
+        """SIGTERM (it finishes what it holds), then its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5)
+        return self.process.returncode
+
+
+def _worker_settings(postgres: PostgresSettings) -> dict[str, str]:
+    """The worker figure's store: the bench's own schema (saga_es's recorder by default)."""
+    return {**postgres.env(), "POSTGRES_SCHEMA": WORKER_SCHEMA}
+
+
+def _reset_worker_schema(postgres: PostgresSettings, *, create: bool) -> None:
+    with postgres.connect() as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {WORKER_SCHEMA} CASCADE")
+        if create:
+            conn.execute(f"CREATE SCHEMA {WORKER_SCHEMA}")
+
+
+def _run_workers(postgres: PostgresSettings, processes: int, sagas: int, concurrency: int) -> float:
+    """Seconds for `processes` started workers to run `sagas` newly submitted sagas to their end.
+
+    The workers start first and the clock with the first submission, so the figure is
+    what the workers sustain, not how fast Python starts.
+    """
+    _reset_worker_schema(postgres, create=True)
+    settings = _worker_settings(postgres)
+    prefix = f"{SagaApplication.name.upper()}_"  # such settings would win over the bench's
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+    env.pop("APPLICATION_RECORDER_TOPIC", None)  # workers need saga_es's status projection
+    package_root = str(Path(__file__).resolve().parent.parent)  # the saga_es under test
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.update(settings)
+    argv = [
+        sys.executable,
+        "-m",
+        "saga_es",
+        "worker",
+        "--definitions",
+        "saga_es.bench:IO_SAGA",
+        "--concurrency",
+        str(concurrency),
+        "--poll",
+        "0.05",
+    ]
+    app = SagaApplication(
+        env={
+            **settings,
+            **{prefix + k: v for k, v in settings.items()},
+            "APPLICATION_RECORDER_TOPIC": "",
+        }
+    )
+    workers: list[_Worker] = []
+    try:
+        app.register(IO_SAGA)
+        workers = [_Worker(argv, env) for _ in range(processes)]
+        deadline = time.monotonic() + 120
+        for worker in workers:
+            worker.wait_ready(deadline)
+        started = time.perf_counter()
+        batch: list[Saga] = []
+        for i in range(sagas):  # what `submit` records, written 500 to a transaction
+            batch.append(app._start(IO_SAGA, {"n": i}, None, begin=False))
+            if len(batch) == 500 or i == sagas - 1:
+                app.save(*batch)
+                batch = []
+        deadline = time.monotonic() + max(600.0, sagas * 0.5)
+        while True:
+            counts = app.stats()
+            ended = sum(n for (name, status), n in counts.items() if status in TERMINAL_STATES)
+            if ended >= sagas:
+                break
+            if counts.get((IO_SAGA.name, STUCK)):
+                raise click.ClickException("a worker bench saga got stuck")
+            for worker in workers:
+                if worker.process.poll() is not None:
+                    code = worker.process.returncode
+                    raise worker.failure(f"exited with status {code} with sagas left")
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"workers: only {ended} of {sagas} sagas ended in time")
+            time.sleep(0.025)  # often enough for the figure, rarely enough to cost little
+        seconds = time.perf_counter() - started
+    finally:
+        codes = [worker.stop() for worker in workers]
+        app.close()
+    for worker, code in zip(workers, codes, strict=True):
+        if code != 0:
+            raise worker.failure(f"exited with status {code}")
+    return seconds
+
+
+def _bench_workers(
+    postgres: PostgresSettings,
+    counts: Sequence[int],
+    *,
+    sagas: int,
+    concurrency: int,
+    progress: Callable[[str], None],
+) -> WorkersResult:
+    """Sagas per second with each number of worker processes, on a fresh schema each."""
+    result = WorkersResult(sagas=sagas, concurrency=concurrency, workers=list(counts))
+    try:
+        for processes in counts:
+            progress(f"workers: {processes} process(es) running {sagas:,} sagas")
+            seconds = _run_workers(postgres, processes, sagas, concurrency)
+            result.seconds.append(seconds)
+            result.sagas_per_s.append(sagas / seconds)
+    finally:
+        _reset_worker_schema(postgres, create=False)
+    rate = dict(zip(counts, result.sagas_per_s, strict=True))
+    if 1 in rate and 4 in rate:
+        result.ratio = rate[4] / rate[1]
+        result.target = f">= {WORKERS_TARGET:g}x (4 workers vs 1)"
+        result.met = result.ratio >= WORKERS_TARGET
+    elif len(rate) > 1:
+        result.ratio = rate[max(rate)] / rate[min(rate)]
+        result.target = f"{max(rate)} vs {min(rate)} workers (the target is for 4 vs 1)"
+    return result
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float | None:
+    """Resident memory (VmRSS) of this process in MB, or None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _bench_memory(sagas: int, workdir: Path, progress: Callable[[str], None]) -> MemoryResult:
+    """Resident memory after `sagas` sagas on SQLite, against after the first ones."""
+    baseline = min(MEMORY_BASELINE, max(1, sagas // 10))
+    result = MemoryResult(sagas=sagas, baseline_sagas=baseline)
+    if _rss_mb() is None:
+        result.skipped = "no /proc/self/status to read resident memory from"
+        return result
+    with _store("sqlite", workdir, None, floor=False) as (app, _, _):
+
+        async def run_until(done: int, total: int) -> int:
+            while done < total:
+                size = min(MEMORY_BATCH, total - done)
+                await _in_flight(app, ASYNC_SAGA, size, first=done)
+                done += size
+                if done % 10_000 < size:
+                    progress(f"memory: {done:,} of {sagas:,} sagas")
+            return done
+
+        async def measure() -> None:
+            done = await run_until(0, baseline)
+            gc.collect()
+            result.rss_baseline_mb = _rss_mb()
+            started = time.perf_counter()
+            await run_until(done, sagas)
+            if sagas > baseline:
+                result.sagas_per_s = (sagas - baseline) / (time.perf_counter() - started)
+            gc.collect()
+            result.rss_end_mb = _rss_mb()
+
+        asyncio.run(measure())
+    assert result.rss_baseline_mb is not None
+    assert result.rss_end_mb is not None
+    result.growth_mb = result.rss_end_mb - result.rss_baseline_mb
+    result.target = f"<= {MEMORY_LIMIT_MB:g} MB growth"
+    result.met = result.growth_mb <= MEMORY_LIMIT_MB
+    return result
+
+
 def run_bench(
     *,
     sagas: int = 300,
@@ -453,14 +877,24 @@ def run_bench(
     stores: Sequence[str] = STORES,
     postgres: PostgresSettings | None = None,
     recovery_sagas: int = 0,
+    concurrent_sagas: int = 0,
+    workers: Sequence[int] = (),
+    worker_sagas: int = 400,
+    worker_concurrency: int = 4,
+    memory_sagas: int = 0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> BenchResult:
     """Measure each store in turn; PostgreSQL is skipped (and says so) without settings.
 
-    With `recovery_sagas`, each durable store also recovers that many interrupted sagas.
+    Each figure beyond the sequential one runs only when asked for (a count above 0):
+    `recovery_sagas` and `concurrent_sagas` on each durable store chosen; `workers`
+    (process counts) on PostgreSQL if it is chosen; `memory_sagas` on SQLite if it is.
     """
     results: list[StoreResult] = []
     recoveries: list[RecoveryResult] = []
+    concurrent: list[ConcurrentResult] = []
+    workers_result: WorkersResult | None = None
+    memory: MemoryResult | None = None
     with tempfile.TemporaryDirectory(prefix="saga-es-bench-") as tmp:
         for store in stores:
             if recovery_sagas and store in ("sqlite", "postgres"):
@@ -474,19 +908,54 @@ def run_bench(
                     )
             if store.startswith("postgres") and postgres is None:
                 results.append(StoreResult(store=store, skipped=_NO_POSTGRES))
-                continue
-            workdir = Path(tmp) / store
-            workdir.mkdir()
-            results.append(
-                _bench_store(
-                    store,
-                    sagas=sagas,
-                    rounds=rounds,
-                    workdir=workdir,
-                    postgres=postgres,
+            else:
+                workdir = Path(tmp) / store
+                workdir.mkdir()
+                results.append(
+                    _bench_store(
+                        store,
+                        sagas=sagas,
+                        rounds=rounds,
+                        workdir=workdir,
+                        postgres=postgres,
+                        progress=progress,
+                    )
+                )
+            if concurrent_sagas and store in ("sqlite", "postgres"):
+                if store == "postgres" and postgres is None:
+                    concurrent.append(
+                        ConcurrentResult(store, concurrent_sagas, skipped=_NO_POSTGRES)
+                    )
+                    continue
+                workdir = Path(tmp) / f"{store}-concurrent"
+                workdir.mkdir()
+                concurrent.append(
+                    _bench_concurrent(
+                        store,
+                        sagas=concurrent_sagas,
+                        rounds=rounds,
+                        workdir=workdir,
+                        postgres=postgres,
+                        progress=progress,
+                    )
+                )
+        if workers and any(store.startswith("postgres") for store in stores):
+            if postgres is None:
+                workers_result = WorkersResult(
+                    sagas=worker_sagas, workers=list(workers), skipped=_NO_POSTGRES
+                )
+            else:
+                workers_result = _bench_workers(
+                    postgres,
+                    workers,
+                    sagas=worker_sagas,
+                    concurrency=worker_concurrency,
                     progress=progress,
                 )
-            )
+        if memory_sagas and any(store.startswith("sqlite") for store in stores):
+            workdir = Path(tmp) / "sqlite-memory"
+            workdir.mkdir()
+            memory = _bench_memory(memory_sagas, workdir, progress)
     return BenchResult(
         sagas=sagas,
         rounds=rounds,
@@ -496,6 +965,9 @@ def run_bench(
         cpus=os.cpu_count() or 0,
         stores=results,
         recovery=recoveries,
+        concurrent=concurrent,
+        workers=workers_result,
+        memory=memory,
     )
 
 
@@ -561,6 +1033,195 @@ def render(result: BenchResult, console: Console) -> None:
         "psycopg execute(INSERT) then commit())",
         highlight=False,
     )
+    if result.concurrent:
+        _render_concurrent(result.concurrent, console)
+    if result.workers is not None:
+        _render_workers(result.workers, console)
+    if result.memory is not None:
+        _render_memory(result.memory, console)
+
+
+def _verdict(met: bool | None) -> str:
+    return "" if met is None else ": met" if met else ": missed"
+
+
+def _render_concurrent(results: Sequence[ConcurrentResult], console: Console) -> None:
+    first = results[0]
+    table = Table(
+        title=f"in flight: {first.sagas} sagas at once (gather of arun: group commit), "
+        f"{first.io_ms_per_step:g} ms I/O per step, vs {first.sequential_sagas} one by one",
+        title_justify="left",
+    )
+    names = ("store", "sagas/s", "commits/saga", "one-by-one sagas/s", "ratio", "target")
+    for name in names:
+        table.add_column(name, justify="left" if name in ("store", "target") else "right")
+    for c in results:
+        if c.skipped:
+            table.add_row(c.store, "skipped", "", "", "", "")
+            continue
+        table.add_row(
+            c.store,
+            _fmt(c.sagas_per_s, ",.0f"),
+            _fmt(c.commits_per_saga, ".2f"),
+            _fmt(c.sequential_per_s, ",.1f"),
+            "-" if c.ratio is None else f"{c.ratio:.1f}x",
+            c.target + _verdict(c.met),
+        )
+    console.print(table)
+    for c in results:
+        if c.skipped:
+            console.print(f"{c.store}: in flight: skipped: {c.skipped}", highlight=False)
+
+
+def _render_workers(w: WorkersResult, console: Console) -> None:
+    if w.skipped:
+        console.print(f"workers: skipped: {w.skipped}", highlight=False)
+        return
+    console.print(
+        f"workers: {w.sagas:,} submitted sagas, {w.io_ms_per_step:g} ms I/O per step, run by "
+        f"`saga-es worker --concurrency {w.concurrency}` processes sharing one PostgreSQL "
+        "(started before the sagas are submitted)",
+        highlight=False,
+    )
+    table = Table()
+    for name in ("processes", "seconds", "sagas/s", f"vs {w.workers[0]}"):
+        table.add_column(name, justify="right")
+    for processes, seconds, rate in zip(w.workers, w.seconds, w.sagas_per_s, strict=True):
+        table.add_row(
+            str(processes), f"{seconds:.2f}", f"{rate:,.0f}", f"{rate / w.sagas_per_s[0]:.2f}x"
+        )
+    console.print(table)
+    if w.ratio is not None:
+        line = f"workers: {w.ratio:.2f}x, target {w.target}{_verdict(w.met)}"
+        console.print(line, highlight=False)
+
+
+def _render_memory(m: MemoryResult, console: Console) -> None:
+    if m.skipped:
+        console.print(f"memory: skipped: {m.skipped}", highlight=False)
+        return
+    console.print(
+        f"memory (SQLite, {m.in_flight} sagas in flight at a time, one process): resident "
+        f"{_fmt(m.rss_baseline_mb, ',.1f')} MB after {m.baseline_sagas:,} sagas, "
+        f"{_fmt(m.rss_end_mb, ',.1f')} MB after {m.sagas:,} ({_fmt(m.sagas_per_s, ',.0f')} "
+        f"sagas/s): {_fmt(m.growth_mb, '+,.1f')} MB, target {m.target}{_verdict(m.met)}. "
+        "POPO is not measured: it keeps every event in memory by design.",
+        highlight=False,
+    )
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    """Draw the figures to an image (PNG by its suffix); needs matplotlib (`saga_es[plot]`)."""
+    from matplotlib.figure import Figure  # only for --plot: an optional dependency
+
+    panels: list[Callable[[Any], None]] = []
+    stores = [s for s in result.stores if not s.skipped]
+    concurrent = [c for c in result.concurrent if not c.skipped]
+    workers = result.workers if result.workers and not result.workers.skipped else None
+    memory = result.memory if result.memory and not result.memory.skipped else None
+
+    def bars(ax: Any, labels: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> None:
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series.items()):
+            xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
+            ax.bar(xs, [v or 0.0 for v in values], width, label=name)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.legend(fontsize="small", loc="upper left")
+
+    def notes(ax: Any, values: Sequence[float], texts: Sequence[str]) -> None:
+        for x, (value, text) in enumerate(zip(values, texts, strict=True)):
+            ax.annotate(text, (x, value), ha="center", va="bottom", fontsize="small")
+        ax.set_ylim(0, max([*values, 1.0]) * 1.3)  # room for the notes and the legend
+
+    def sequential(ax: Any) -> None:
+        durable = [s for s in stores if s.floor_per_s is not None]
+        bars(
+            ax,
+            [s.store for s in durable],
+            {
+                "saga_es": [s.sagas_per_s for s in durable],
+                "floor": [s.floor_per_s for s in durable],
+            },
+        )
+        tops = [max(s.sagas_per_s or 0.0, s.floor_per_s or 0.0) for s in durable]
+        notes(ax, tops, [f"{s.ratio or 0:.2f}x" for s in durable])
+        absolute = [
+            f"{s.store}: {s.sagas_per_s or 0:,.0f} sagas/s" for s in stores if s.ratio is None
+        ]
+        if absolute:
+            ax.set_xlabel("; ".join(absolute) + " (no floor)")
+        ax.set_title(f"sequential {result.steps}-step sagas vs floor\n(target {RATIO_TARGET}x)")
+        ax.set_ylabel("sagas/s")
+
+    def in_flight(ax: Any) -> None:
+        bars(
+            ax,
+            [c.store for c in concurrent],
+            {
+                "one by one": [c.sequential_per_s for c in concurrent],
+                f"{concurrent[0].sagas} in flight": [c.sagas_per_s for c in concurrent],
+            },
+        )
+        tops = [c.sagas_per_s or 0.0 for c in concurrent]
+        texts = [
+            f"{c.ratio or 0:.1f}x\n{c.commits_per_saga or 0:.2f} commits/saga" for c in concurrent
+        ]
+        notes(ax, tops, texts)
+        ax.set_title(
+            f"{concurrent[0].sagas} in flight, {concurrent[0].io_ms_per_step:g} ms I/O per step\n"
+            f"(target {CONCURRENT_TARGET:g}x one by one)"
+        )
+        ax.set_ylabel("sagas/s")
+
+    def processes(ax: Any) -> None:
+        assert workers is not None
+        labels = [str(k) for k in workers.workers]
+        ax.bar(labels, workers.sagas_per_s)
+        base = workers.sagas_per_s[0]
+        notes(ax, workers.sagas_per_s, [f"{r / base:.2f}x" for r in workers.sagas_per_s])
+        ax.set_title(f"worker processes, PostgreSQL\n(target 4 vs 1: {WORKERS_TARGET:g}x)")
+        ax.set_xlabel("processes")
+        ax.set_ylabel("sagas/s")
+
+    def resident(ax: Any) -> None:
+        assert memory is not None
+        labels = [f"{memory.baseline_sagas:,}", f"{memory.sagas:,}"]
+        values = [memory.rss_baseline_mb or 0.0, memory.rss_end_mb or 0.0]
+        ax.bar(labels, values)
+        limit = values[0] + MEMORY_LIMIT_MB
+        notes(ax, values, ["", f"{memory.growth_mb or 0:+.1f} MB"])
+        ax.axhline(limit, linestyle="--", color="grey", label="limit")
+        ax.set_ylim(0, max(limit, *values) * 1.15)
+        ax.set_title("resident memory, SQLite\n(after N sagas)")
+        ax.set_xlabel("sagas")
+        ax.set_ylabel("MB")
+        ax.legend(fontsize="small")
+
+    if any(s.floor_per_s is not None for s in stores):
+        panels.append(sequential)
+    if concurrent:
+        panels.append(in_flight)
+    if workers is not None and workers.sagas_per_s:
+        panels.append(processes)
+    if memory is not None:
+        panels.append(resident)
+    if not panels:
+        raise click.ClickException("nothing to plot: every figure was skipped")
+    figure = Figure(figsize=(4.5 * len(panels), 4.5), layout="constrained")
+    for ax, draw in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        draw(ax)
+    figure.suptitle(f"saga-es bench ({result.cpus} CPUs, Python {result.python})")
+    figure.savefig(path)
+
+
+def _check_matplotlib() -> None:
+    """Fail before measuring anything when `--plot` cannot draw."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "--plot needs matplotlib: pip install 'saga_es[plot]' (or 'matplotlib>=3.8')"
+        ) from None
 
 
 def _parse_stores(value: str) -> list[str]:
@@ -571,6 +1232,19 @@ def _parse_stores(value: str) -> list[str]:
             f"unknown store(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CHOICES)}"
         )
     return list(dict.fromkeys(names))
+
+
+def _parse_workers(value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        counts = [0]
+    if any(c < 1 for c in counts):
+        raise click.BadParameter(
+            f"expected process counts >= 1 separated by commas, got {value!r}",
+            param_hint="--workers",
+        )
+    return list(dict.fromkeys(counts))
 
 
 @click.command()
@@ -604,10 +1278,51 @@ def _parse_stores(value: str) -> list[str]:
     help="Interrupted sagas each durable store recovers (0: skip the recovery figure).",
 )
 @click.option(
+    "--concurrent-sagas",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sagas in flight at once, 5 ms of I/O per step, per durable store (0: skip).",
+)
+@click.option(
+    "--workers",
+    "workers",
+    default="1,2,4",
+    show_default=True,
+    help="Worker process counts to run on PostgreSQL, comma-separated (empty: skip).",
+)
+@click.option(
+    "--worker-sagas",
+    default=400,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sagas the worker processes run, for each process count.",
+)
+@click.option(
+    "--worker-concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="--concurrency of each worker process.",
+)
+@click.option(
+    "--memory-sagas",
+    default=100_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sagas run on SQLite for the resident-memory figure (0: skip).",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write every figure to this JSON file.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the figures to this image (PNG); needs matplotlib.",
 )
 @click.option("--postgres-dbname", envvar="POSTGRES_DBNAME", help="[env: POSTGRES_DBNAME]")
 @click.option("--postgres-host", envvar="POSTGRES_HOST", help="[env: POSTGRES_HOST]")
@@ -628,15 +1343,24 @@ def bench_command(
     rounds: int,
     stores: str,
     recovery_sagas: int,
+    concurrent_sagas: int,
+    workers: str,
+    worker_sagas: int,
+    worker_concurrency: int,
+    memory_sagas: int,
     json_path: Path | None,
+    plot_path: Path | None,
     postgres_dbname: str | None,
     postgres_host: str | None,
     postgres_port: int,
     postgres_user: str | None,
     postgres_password: str,
 ) -> None:
-    """Sequential 5-step sagas per store, against the store's commit floor in the same run."""
+    """Sagas per store against floors measured in the same run: sequential, in flight, workers."""
     chosen = _parse_stores(stores)
+    process_counts = _parse_workers(workers)
+    if plot_path is not None:
+        _check_matplotlib()
     postgres = None
     if postgres_dbname and postgres_host and postgres_user:
         postgres = PostgresSettings(
@@ -654,12 +1378,20 @@ def bench_command(
         stores=chosen,
         postgres=postgres,
         recovery_sagas=recovery_sagas,
+        concurrent_sagas=concurrent_sagas,
+        workers=process_counts,
+        worker_sagas=worker_sagas,
+        worker_concurrency=worker_concurrency,
+        memory_sagas=memory_sagas,
         progress=lambda line: err.print(line, style="dim", highlight=False),
     )
     render(result, console)
     if json_path is not None:
         json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         console.print(f"figures written to {json_path}")
+    if plot_path is not None:
+        plot(result, plot_path)
+        console.print(f"figures drawn to {plot_path}")
 
 
 def _check_postgres(settings: PostgresSettings) -> None:
@@ -667,14 +1399,7 @@ def _check_postgres(settings: PostgresSettings) -> None:
     import psycopg
 
     try:
-        psycopg.connect(
-            dbname=settings.dbname,
-            host=settings.host,
-            port=settings.port,
-            user=settings.user,
-            password=settings.password,
-            connect_timeout=10,
-        ).close()
+        settings.connect(connect_timeout=10).close()
     except psycopg.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise click.ClickException(
@@ -684,6 +1409,14 @@ def _check_postgres(settings: PostgresSettings) -> None:
 
 def results_from_json(data: Mapping[str, Any]) -> BenchResult:
     """A `BenchResult` back from what `--json` wrote (for plots and docs)."""
-    stores = [StoreResult(**s) for s in data["stores"]]
-    recoveries = [RecoveryResult(**r) for r in data.get("recovery", [])]
-    return BenchResult(**{**data, "stores": stores, "recovery": recoveries})
+    workers, memory = data.get("workers"), data.get("memory")
+    return BenchResult(
+        **{
+            **data,
+            "stores": [StoreResult(**s) for s in data["stores"]],
+            "recovery": [RecoveryResult(**r) for r in data.get("recovery", [])],
+            "concurrent": [ConcurrentResult(**c) for c in data.get("concurrent", [])],
+            "workers": None if workers is None else WorkersResult(**workers),
+            "memory": None if memory is None else MemoryResult(**memory),
+        }
+    )

@@ -133,6 +133,11 @@ async def recover_one_async(
     app: SagaApplication, row: SagaStatus, now: datetime, report: RecoveryReport
 ) -> None:
     """`_recover_one` on an event loop: its saves join the group commit."""
+    if row.status == machine.PENDING:  # workers race for submitted sagas: look before rebuilding
+        latest = await asyncio.to_thread(app._last_version, row.saga_id)
+        if latest != row.version:
+            report.taken_over.append(row.saga_id)
+            return
     prepared = await asyncio.to_thread(_prepare, app, row, now, report)
     if prepared is None:
         return

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 from eventsourcing.persistence import IntegrityError, StoredEvent
@@ -21,7 +23,7 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder
 from transitions import MachineError
 
 from saga_es import IllegalTransition, Saga, SagaApplication, SagaDefinition, Step, machine
-from saga_es.bench import bench_command
+from saga_es.bench import WORKER_SCHEMA, bench_command, plot, results_from_json
 from saga_es.cli import cli
 from saga_es.sqlite import STOCK_RECORDER_TOPIC, SQLiteWriterRecorder
 
@@ -29,8 +31,24 @@ Env = dict[str, str]
 NO_POSTGRES = {k: None for k in ("POSTGRES_DBNAME", "POSTGRES_HOST", "POSTGRES_USER")}
 
 
+# Every figure beyond the sequential one is off unless a test turns it on (the last wins).
+ONLY_SEQUENTIAL = [
+    "--recovery-sagas",
+    "0",
+    "--concurrent-sagas",
+    "0",
+    "--workers",
+    "",
+    "--memory-sagas",
+    "0",
+]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
 def _bench(args: list[str], env: dict[str, str | None] | None = None) -> Any:
-    return CliRunner().invoke(bench_command, args, env=env or NO_POSTGRES, catch_exceptions=False)
+    return CliRunner().invoke(
+        bench_command, [*ONLY_SEQUENTIAL, *args], env=env or NO_POSTGRES, catch_exceptions=False
+    )
 
 
 def _postgres_options(env: Env) -> list[str]:
@@ -117,6 +135,128 @@ def test_bench_on_postgres(tmp_path: Path, store_env: Callable[..., Env]) -> Non
     assert stores["postgres-stock"]["recorder"] == (
         "eventsourcing.postgres.PostgresApplicationRecorder"
     )
+
+
+def _assert_in_flight(figures: dict[str, Any], store: str) -> None:
+    assert figures["store"] == store
+    assert figures["skipped"] is None
+    assert figures["sagas"] == 20
+    assert figures["sequential_sagas"] == 20
+    assert figures["io_ms_per_step"] == 5
+    assert len(figures["rounds"]) == len(figures["sequential_rounds"]) == 1
+    assert figures["ratio"] == pytest.approx(figures["sagas_per_s"] / figures["sequential_per_s"])
+    assert 0 < figures["commits_per_saga"] < 1  # the group commit, counted at the recorder
+    assert figures["target"].startswith(">= 5x one by one")
+    assert isinstance(figures["met"], bool)
+
+
+def test_bench_in_flight_memory_and_plot_on_sqlite(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = _bench(
+        [
+            *("-n", "2", "-r", "1", "--stores", "sqlite", "--recovery-sagas", "30"),
+            *("--concurrent-sagas", "20", "--memory-sagas", "400", "--workers", "1,2"),
+            *("--json", str(out), "--plot", str(png)),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["resumed"] for r in data["recovery"]] == [30]
+    [in_flight] = data["concurrent"]
+    _assert_in_flight(in_flight, "sqlite")
+    assert data["workers"] is None  # PostgreSQL only, and it was not chosen
+
+    memory = data["memory"]
+    assert (memory["store"], memory["sagas"], memory["baseline_sagas"]) == ("sqlite", 400, 40)
+    assert memory["rss_baseline_mb"] > 0
+    assert memory["rss_end_mb"] > 0
+    assert memory["growth_mb"] == pytest.approx(memory["rss_end_mb"] - memory["rss_baseline_mb"])
+    assert memory["sagas_per_s"] > 0
+    assert memory["met"] is (memory["growth_mb"] <= 100)
+
+    output = " ".join(result.output.split())
+    for text in ("in flight: 20 sagas at once", "commits/saga", "memory (SQLite", "by design"):
+        assert text in output
+    assert png.read_bytes().startswith(PNG)
+    again = results_from_json(data)  # what --json wrote reads back whole, and plots again
+    assert again.to_dict() == data
+    plot(again, tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes().startswith(PNG)
+
+
+def test_bench_workers_and_in_flight_on_postgres(
+    tmp_path: Path, store_env: Callable[..., Env]
+) -> None:
+    env = store_env("postgres")
+    out = tmp_path / "bench.json"
+    result = _bench(
+        [
+            *("-n", "2", "-r", "1", "--stores", "postgres", "--concurrent-sagas", "20"),
+            *("--workers", "1,2", "--worker-sagas", "20", "--worker-concurrency", "2"),
+            *("--json", str(out), *_postgres_options(env)),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    [in_flight] = data["concurrent"]
+    _assert_in_flight(in_flight, "postgres")
+    workers = data["workers"]
+    assert workers["skipped"] is None
+    assert (workers["sagas"], workers["concurrency"], workers["workers"]) == (20, 2, [1, 2])
+    assert len(workers["seconds"]) == len(workers["sagas_per_s"]) == 2
+    assert workers["sagas_per_s"] == pytest.approx([20 / s for s in workers["seconds"]])
+    rates = workers["sagas_per_s"]
+    assert workers["ratio"] == pytest.approx(rates[1] / rates[0])
+    assert "4 vs 1" in workers["target"]
+    assert workers["met"] is None  # the target is for 4 workers against 1
+    assert data["memory"] is None  # SQLite only
+    assert "workers: 20 submitted sagas" in " ".join(result.output.split())
+    with psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=env["POSTGRES_PORT"],
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+    ) as conn:  # the bench leaves nothing behind: no schema, no table
+        schemas = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s", [WORKER_SCHEMA]
+        )
+        assert schemas.fetchall() == []
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'sagaesbench%'")
+        assert tables.fetchall() == []
+        functions = conn.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'sagaesbench%'")
+        assert functions.fetchall() == []
+
+
+def test_bench_says_which_figures_postgres_would_give_when_not_configured(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["-n", "1", "-r", "1", "--stores", "postgres", "--concurrent-sagas", "5"]
+    result = _bench([*args, "--workers", "1,4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["concurrent"][0]["skipped"].startswith("no PostgreSQL configured")
+    assert data["workers"]["skipped"].startswith("no PostgreSQL configured")
+    assert "workers: skipped" in result.output
+
+
+def test_bench_plot_needs_matplotlib_and_says_so_before_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    result = _bench(["--stores", "popo", "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: --plot needs matplotlib: pip install 'saga_es[plot]' (or 'matplotlib>=3.8')"
+    )
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1,-4"])
+def test_bench_refuses_bad_worker_counts(value: str) -> None:
+    result = _bench(["--stores", "popo", "--workers", value])
+    assert result.exit_code == 2
+    assert "process counts >= 1" in result.output
 
 
 def test_bench_fails_in_one_line_when_postgres_is_unreachable() -> None:
