@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 import sys
 import threading
 import weakref
@@ -211,6 +212,15 @@ class SagaApplication(Application[UUID]):
         except KeyError:
             raise DefinitionNotFound(name, version) from None
 
+    def table_name(self, purpose: str) -> str:
+        """`<name>_<purpose>`: how this application's tables are named on every durable store."""
+        prefix = self.name.lower()
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", prefix):
+            raise ConfigurationError(
+                "name", f"{self.name!r} cannot prefix a table name (letters, digits and _ only)"
+            )
+        return f"{prefix}_{purpose}"
+
     def close(self) -> None:
         """Close the store; saga_es's PostgreSQL recorder first returns the connection it keeps."""
         close_recorder = getattr(getattr(self, "recorder", None), "close", None)
@@ -219,10 +229,21 @@ class SagaApplication(Application[UUID]):
         super().close()
 
     def construct_snapshot_store(self) -> EventStore[UUID]:
-        """Eventsourcing's snapshot store; on PostgreSQL its table is created in turn.
+        """Eventsourcing's snapshot store, in a table named after the application.
 
-        Without that, applications starting at once can collide creating it.
+        On PostgreSQL it is created in turn: applications starting at once can collide.
         """
+        sqlite = sys.modules.get("eventsourcing.sqlite")
+        if sqlite is not None and isinstance(self.factory, sqlite.SQLiteFactory):
+            snapshots = sqlite.SQLiteAggregateRecorder(
+                self.factory.datastore, events_table_name=self.table_name("snapshots")
+            )
+            if self.factory.env_create_table():
+                snapshots.create_table()
+            sqlite_store: EventStore[UUID] = self.factory.event_store(
+                mapper=self.mapper, recorder=snapshots
+            )
+            return sqlite_store
         postgres = sys.modules.get("eventsourcing.postgres")
         if postgres is None or not isinstance(self.factory, postgres.PostgresFactory):
             return super().construct_snapshot_store()
@@ -250,6 +271,18 @@ class SagaApplication(Application[UUID]):
         if not self.env.get(_RECORDER_TOPIC):
             if isinstance(self.factory, POPOFactory):  # it does not read the setting
                 return POPOSagaRecorder()
+            sqlite = sys.modules.get("eventsourcing.sqlite")
+            if sqlite is not None and isinstance(self.factory, sqlite.SQLiteFactory):
+                from saga_es.sqlite import SQLiteWriterRecorder
+
+                # Named after the application, as on PostgreSQL, so it can share a file
+                # with the user's own applications (eventsourcing's are `stored_events`).
+                recorder = SQLiteWriterRecorder(
+                    self.factory.datastore, events_table_name=self.table_name("events")
+                )
+                if self.factory.env_create_table():
+                    recorder.create_table()
+                return recorder
             for module, factory, recorder_topic in _STORE_RECORDERS:
                 loaded = sys.modules.get(module)  # a store's module is loaded if it is in use
                 if loaded is not None and isinstance(self.factory, getattr(loaded, factory)):
