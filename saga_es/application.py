@@ -33,7 +33,7 @@ from eventsourcing.persistence import (
     Transcoder,
 )
 from eventsourcing.popo import POPOFactory
-from eventsourcing.utils import EnvType, TopicError, resolve_topic
+from eventsourcing.utils import Environment, EnvType, TopicError, resolve_topic
 
 from saga_es import compat, recovery, runner, tracing
 from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
@@ -62,6 +62,7 @@ from saga_es.settings import (
     SAGA_COMMIT_MAX_WAIT,
     SAGA_MAX_RESUMPTIONS,
     SAGA_STEP_TIMEOUT,
+    Settings,
     commit_settings,
     configuration_error,
     step_timeout,
@@ -194,6 +195,11 @@ class SagaApplication(Application[UUID]):
         )
         self.definitions: dict[tuple[str, int], SagaDefinition] = {}
         self.register(*definitions)
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        """Eventsourcing's settings, in a dict whose repr hides passwords and keys."""
+        settings = super().construct_env(name, env)
+        return Settings(settings.name, settings)
 
     def register(self, *definitions: SagaDefinition) -> None:
         """Make definitions known by name and version, so recovery can resume their sagas.
@@ -662,7 +668,7 @@ class SagaApplication(Application[UUID]):
             for row in rows:
                 if not row.readable:
                     assert row.error is not None
-                    reason = f"{row.error.type}: {row.error.message}"
+                    reason = self._cipher_hint(f"{row.error.type}: {row.error.message}")
                     raise UnreadableEvent(saga_id, row.version, row.event, reason)
         return rows
 
@@ -935,9 +941,20 @@ class SagaApplication(Application[UUID]):
             try:
                 self.mapper.to_domain_event(record)
             except Exception as e:
-                reason = f"{type(e).__name__}: {e}"
+                reason = self._cipher_hint(f"{type(e).__name__}: {e}")
                 return UnreadableEvent(saga_id, record.originator_version, record.topic, reason)
         return error
+
+    def _cipher_hint(self, reason: str) -> str:
+        """`reason`, naming the settings when a state could not be deciphered or decoded."""
+        if "deserialise state" not in reason:
+            return reason
+        if self.mapper.cipher is not None and "cipher" in reason.lower():
+            return f"{reason} (was it written with another CIPHER_KEY?)"
+        binary = "codec can't decode" in reason or "Expecting value" in reason
+        if self.mapper.cipher is None and self.mapper.compressor is None and binary:
+            return f"{reason} (was it written with CIPHER_KEY or COMPRESSOR_TOPIC set?)"
+        return reason
 
     def stream_ids(self) -> Iterator[UUID]:
         """The id of every saga stream in the store, in the order each first appears.

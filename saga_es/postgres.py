@@ -52,7 +52,7 @@ from eventsourcing.postgres import (
     PostgresDatastore,
     PostgresTrackingRecorder,
 )
-from eventsourcing.utils import Environment, retry
+from eventsourcing.utils import Environment, TopicError, resolve_topic, retry
 from psycopg import Connection
 from psycopg.errors import DuplicateObject
 from psycopg.rows import DictRow
@@ -479,6 +479,24 @@ def _apply_tls(datastore: PostgresDatastore) -> None:
     kwargs.update(pending[1])
 
 
+def _check_recorders_pass_tls(env: Environment) -> None:
+    """Refuse TLS settings that a recorder chosen by topic would silently leave out."""
+    for name in ("APPLICATION_RECORDER_TOPIC", "PROCESS_RECORDER_TOPIC"):
+        topic = env.get(name)
+        if not topic:
+            continue
+        try:
+            recorder = resolve_topic(topic)
+        except TopicError:
+            continue  # eventsourcing names it
+        if not (isinstance(recorder, type) and issubclass(recorder, PostgresOneCallRecorder)):
+            raise ConfigurationError(
+                name,
+                f"{topic} does not pass the POSTGRES_SSL* settings to its connections; "
+                f"leave {name} unset, or give libpq's PGSSLMODE, PGSSLROOTCERT, ... instead",
+            )
+
+
 def check_settings(env: Environment) -> None:
     """Fail fast, naming the setting, where the pool would only time out.
 
@@ -500,6 +518,8 @@ def check_settings(env: Environment) -> None:
         "user": env.get("POSTGRES_USER"),
     }
     _pending_tls.set((_target(target), tls) if tls else None)
+    if tls:
+        _check_recorders_pass_tls(env)
     if env.get("POSTGRES_GET_PASSWORD_TOPIC"):
         return
     try:

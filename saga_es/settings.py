@@ -6,6 +6,7 @@ traceback, and never echoing a password.
 
 from __future__ import annotations
 
+import binascii
 import re
 from typing import Any
 
@@ -34,6 +35,19 @@ def step_timeout(given: float | None, env: Environment) -> float:
     return value
 
 
+_SECRET_SETTINGS = re.compile(r"PASSWORD|CIPHER_KEY|SSLPASSWORD")
+
+
+class Settings(Environment):
+    """eventsourcing's settings, whose repr and str show `***` for passwords and keys."""
+
+    def __repr__(self) -> str:
+        shown = {k: "***" if v and _SECRET_SETTINGS.search(k) else v for k, v in self.items()}
+        return f"{type(self).__name__}({self.name!r}, {shown!r})"
+
+    __str__ = __repr__
+
+
 _SETTING_IN_MESSAGE = re.compile(r"'([A-Z][A-Z0-9_]+)'")
 _PG_HINTS = (
     ("password", "POSTGRES_PASSWORD"),
@@ -45,12 +59,42 @@ _PG_HINTS = (
 )
 
 
+_TOPIC_SETTINGS = (
+    "CIPHER_TOPIC",
+    "COMPRESSOR_TOPIC",
+    "TRANSCODER_TOPIC",
+    "MAPPER_TOPIC",
+    "APPLICATION_RECORDER_TOPIC",
+    "PROCESS_RECORDER_TOPIC",
+    "POSTGRES_GET_PASSWORD_TOPIC",
+)
+DEFAULT_CIPHER_TOPIC = "eventsourcing.cipher:AESCipher"
+"""eventsourcing's cipher when `CIPHER_KEY` is set alone: it needs pycryptodome."""
+
+
 def configuration_error(error: Exception, env: Environment) -> ConfigurationError:
-    """Name the setting behind a construction failure, never echoing a password."""
+    """Name the setting behind a construction failure, never echoing a password or key."""
     message = str(error) or type(error).__name__
-    password = env.get("POSTGRES_PASSWORD")
-    if password:
-        message = message.replace(password, "***")
+    for secret in (env.get("POSTGRES_PASSWORD"), env.get("CIPHER_KEY")):
+        if secret:
+            message = message.replace(secret, "***")
+    if isinstance(error, binascii.Error) or message.startswith("Invalid key size"):
+        return ConfigurationError(
+            "CIPHER_KEY",
+            f"expected an AES key of 16, 24 or 32 bytes in base64, such as "
+            f"AESCipher.create_key(num_bytes=32) makes ({message})",
+        )
+    if "failed to resolve topic" in message.lower():
+        for name in _TOPIC_SETTINGS:
+            if env.get(name) and f"'{env.get(name)}'" in message:
+                return ConfigurationError(name, message)
+        if f"'{DEFAULT_CIPHER_TOPIC}'" in message:
+            return ConfigurationError(
+                "CIPHER_TOPIC",
+                f"CIPHER_KEY alone means {DEFAULT_CIPHER_TOPIC}, which needs pycryptodome; "
+                "install it, or set CIPHER_TOPIC=eventsourcing.cryptography:AESCipher "
+                f"(the cryptography package) ({message})",
+            )
     match = _SETTING_IN_MESSAGE.search(message)
     if match:
         return ConfigurationError(match.group(1), message)

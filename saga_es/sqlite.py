@@ -37,6 +37,7 @@ from eventsourcing.persistence import (
     Tracking,
 )
 from eventsourcing.sqlite import (
+    SQLITE3_DEFAULT_LOCK_TIMEOUT,
     SQLiteApplicationRecorder,
     SQLiteConnection,
     SQLiteCursor,
@@ -68,6 +69,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     ) -> None:
         super().__init__(datastore, events_table_name)
         self._writer: SQLiteConnection | None = None
+        self._own_writer = False  # True: `_writer` is not the pool's (see `_open_writer`)
         self._writer_lock = threading.Lock()
         self._statements: dict[int, str] = {}
 
@@ -258,7 +260,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         with self._writer_lock:
             writer = self._writer
             if writer is None or writer.closed:
-                writer = self._writer = pool.get_connection()
+                writer = self._writer = self._open_writer()
             if one_statement:  # the common case, straight on the driver's connection
                 try:
                     if statuses:  # the events' statement and the rows: one transaction
@@ -290,6 +292,36 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             finally:
                 cursor.sqlite_cursor.close()
             return ids
+
+    def _open_writer(self) -> SQLiteConnection:
+        """The connection saves go through: the pool's, or one of its own for status rows.
+
+        The pool's connections cache one prepared statement. A save with status rows runs
+        several, so each would prepare the events' INSERT (and its triggers) again: those
+        saves get a connection of their own, with a statement cache, closed by `close()`.
+        """
+        pool = self.datastore.pool
+        if not self.wants_status_rows:
+            return pool.get_connection()
+        conn = sqlite3.connect(
+            pool.db_name,
+            uri=True,
+            check_same_thread=False,
+            isolation_level=None,  # autocommit: transactions are explicit
+            cached_statements=32,
+            timeout=pool.lock_timeout or SQLITE3_DEFAULT_LOCK_TIMEOUT,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")  # as the pool's (it is the file's already)
+        self._own_writer = True
+        return SQLiteConnection(conn, max_age=None)
+
+    def close(self) -> None:
+        """Close the connection of its own that saves with status rows use, if any."""
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+            if writer is not None and self._own_writer:
+                writer.close()
+            self._own_writer = False
 
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
