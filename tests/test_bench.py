@@ -400,3 +400,16 @@ def test_sqlite_writer_recorder_conflict_writes_nothing_and_ids_stay_in_order(
         assert recorder.select_events(b) == []
         assert recorder.insert_events([stored(b, 1)]) == [3]
         assert [n.id for n in recorder.select_notifications(1, limit=10)] == [1, 2, 3]
+
+
+def test_the_hot_path_profile_splits_a_step_into_its_parts(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    args = ["--stores", "popo", "-n", "20", "-r", "1", "--recovery-sagas", "0"]
+    args += ["--concurrent-sagas", "0", "--workers", "", "--memory-sagas", "0"]
+    result = _bench([*args, "--profile", "100", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "hot path" in result.output
+    parts = {row["part"]: row for row in json.loads(out.read_text())["profile"]}
+    assert {"state machine", "events: creation and apply", "transcoding"} <= set(parts)
+    assert abs(sum(row["share"] for row in parts.values()) - 1.0) < 1e-6
+    assert all(row["us_per_step"] > 0 for row in parts.values())
