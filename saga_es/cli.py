@@ -46,8 +46,40 @@ _db_option = click.option(
 
 
 @click.group()
-def cli() -> None:
+@click.option(
+    "--app",
+    "app_spec",
+    metavar="MODULE:CLASS",
+    envvar="SAGA_ES_APP",
+    default=None,
+    help="Your SagaApplication subclass (or SagaProcess), to read its tables and transcodings.",
+)
+@click.pass_context
+def cli(ctx: click.Context, app_spec: str | None) -> None:
     """Event-sourced sagas: run the demo, read sagas back, measure."""
+    ctx.obj = _app_class(app_spec)
+
+
+def _app_class(spec: str | None) -> type[SagaApplication]:
+    """The application class named by MODULE:CLASS (default: `SagaApplication`)."""
+    if spec is None:
+        return SagaApplication
+    module_name, _, name = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), name or "")
+    except (ImportError, AttributeError, ValueError) as e:
+        raise click.BadParameter(f"{spec}: {e}", param_hint="--app") from None
+    if not (isinstance(found, type) and issubclass(found, SagaApplication)):
+        raise click.BadParameter(f"{spec} is not a SagaApplication subclass", param_hint="--app")
+    return found
+
+
+def _chosen_class() -> type[SagaApplication]:
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(type) if ctx is not None else None
+    return (
+        found if isinstance(found, type) and issubclass(found, SagaApplication) else SagaApplication
+    )
 
 
 @contextmanager
@@ -55,7 +87,7 @@ def _app(db: str | None) -> Iterator[SagaApplication]:
     """Open the store, turning any saga_es error into one line on stderr."""
     env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": db} if db else None
     try:
-        with SagaApplication(env=env) as app:
+        with _chosen_class()(env=env) as app:
             yield app
     except SagaError as e:
         click.echo(f"saga-es: {e}", err=True)
@@ -511,7 +543,7 @@ def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
     delay = 0.5
     while not stop.is_set():
         try:
-            return SagaApplication(env=env)
+            return _chosen_class()(env=env)
         except ConfigurationError as e:
             log.warning("cannot reach the store (%s); retrying in %.1fs", e, delay)
         stop.wait(delay)

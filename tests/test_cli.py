@@ -408,3 +408,39 @@ def test_stats_counts_per_definition_and_status(tmp_path: Path) -> None:
     assert "2 saga(s)" in table.output
     bad = runner.invoke(cli, ["stats", "--db", str(db), "--status", "lost"])
     assert bad.exit_code == 2
+
+
+SHOP_APP = """
+from saga_es import SagaApplication, SagaDefinition, Step
+
+
+class ShopSagas(SagaApplication):
+    name = "ShopSagas"  # its tables: shopsagas_events, ...
+
+
+ORDER = SagaDefinition("order", [Step("pay", lambda context, key: None)])
+"""
+
+
+def test_app_chooses_the_application_class_whose_tables_the_commands_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "shop_app.py").write_text(SHOP_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shop_app  # type: ignore[import-not-found]
+
+    db = tmp_path / "shop.db"
+    with shop_app.ShopSagas(env=_sqlite(db)) as app:
+        saga = app.run(shop_app.ORDER, {})
+    runner = CliRunner()
+    plain = runner.invoke(cli, ["list", "--db", str(db), "--json"])
+    assert plain.output == ""  # SagaApplication's own tables are empty
+    chosen = runner.invoke(cli, ["--app", "shop_app:ShopSagas", "list", "--db", str(db), "--json"])
+    assert [json.loads(line)["id"] for line in chosen.output.splitlines()] == [str(saga.id)]
+    by_env = runner.invoke(
+        cli, ["stats", "--db", str(db)], env={"SAGA_ES_APP": "shop_app:ShopSagas"}
+    )
+    assert "1 saga(s)" in by_env.output
+    wrong = runner.invoke(cli, ["--app", "shop_app:ORDER", "list"])
+    assert wrong.exit_code == 2
+    assert "not a SagaApplication subclass" in wrong.output
