@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -114,23 +114,32 @@ def demo(db: str | None) -> None:
         console.print(f"Stored in {_where(app)}. Read them back with `saga-es list`.")
 
 
+def _filters(command: Callable[..., None]) -> Callable[..., None]:
+    """The filters `list` and `stats` share: `--status`, `--name`, `--since`, `--until`."""
+    for option in reversed(
+        (
+            click.option(
+                "--status",
+                "statuses",
+                multiple=True,
+                type=click.Choice(list(STATES[1:])),
+                help="Only sagas in this state. Repeatable.",
+            ),
+            click.option("--name", default=None, help="Only sagas of this definition name."),
+            click.option(
+                "--since", type=click.DateTime(), help="Only sagas started at or after this."
+            ),
+            click.option("--until", type=click.DateTime(), help="Only sagas started before this."),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @cli.command("list")
 @_db_option
-@click.option(
-    "--status",
-    "statuses",
-    multiple=True,
-    type=click.Choice(list(STATES[1:])),
-    help="Only sagas in this state. Repeatable.",
-)
-@click.option("--name", default=None, help="Only sagas of this definition name.")
+@_filters
 @click.option("--key", default=None, help="Only the saga started under this business key.")
-@click.option(
-    "--since", type=click.DateTime(), default=None, help="Only sagas started at or after this."
-)
-@click.option(
-    "--until", type=click.DateTime(), default=None, help="Only sagas started before this."
-)
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--after", default=None, metavar="ID", help="The page after this saga id.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
@@ -185,20 +194,7 @@ def list_(
 
 @cli.command()
 @_db_option
-@click.option(
-    "--status",
-    "statuses",
-    multiple=True,
-    type=click.Choice(list(STATES[1:])),
-    help="Only sagas in this state. Repeatable.",
-)
-@click.option("--name", default=None, help="Only sagas of this definition name.")
-@click.option(
-    "--since", type=click.DateTime(), default=None, help="Only sagas started at or after this."
-)
-@click.option(
-    "--until", type=click.DateTime(), default=None, help="Only sagas started before this."
-)
+@_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def stats(
     db: str | None,
