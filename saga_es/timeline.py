@@ -51,6 +51,14 @@ def timeline(events: Sequence[Saga.Event]) -> list[TimelineRow]:
             state = apply_diff(state, data["changes"], data["removed"])
         elif isinstance(event, Saga.SagaResolved):
             detail = f"{event.action} by {event.by}: {event.reason}"
+        elif isinstance(event, Saga.CancelRequested):
+            detail = f"by {event.by}: {event.reason}"
+        elif isinstance(event, Saga.SagaForked):
+            carried = ", ".join(event.carried) or "nothing"
+            detail = (
+                f"from saga {event.source_saga_id} v{event.source_version} at "
+                f"{event.from_step!r}; carried over: {carried}"
+            )
         elif isinstance(event, Saga.SagaTimedOut):
             detail = f"deadline {event.deadline.isoformat()} passed"
         elif data.get("fallback"):
@@ -80,6 +88,9 @@ _STYLE = {
     "SagaStuck": "bold red",
     "SagaTimedOut": "bold red",
     "SagaResolved": "bold cyan",
+    "CancelRequested": "bold magenta",
+    "SagaCancelled": "bold magenta",
+    "SagaForked": "bold cyan",
     "CompensationStarted": "yellow",
     "CompensationRan": "yellow",
     "SagaCompensated": "bold yellow",
