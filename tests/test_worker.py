@@ -216,3 +216,30 @@ def test_a_worker_that_cannot_reach_its_store_retries_with_backoff(
     assert "retrying in 0.5s" in attempts[0]
     assert "retrying in 1.0s" in attempts[1]
     assert all(line.count("\n") == 0 for line in attempts)
+
+
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+def test_a_cancel_from_another_process_is_obeyed_by_the_worker_holding_the_saga(
+    store: str, env: Env, app: SagaApplication, sagas_module: Any
+) -> None:
+    saga_id = app.submit(sagas_module.ORDER, {"n": 1})
+    worker = start_worker(env, sagas_module, "--poll", "0.05", pause=0.3)
+    try:
+        wait_until(lambda: len(effects(sagas_module)) >= 1)  # the worker is inside "reserve"
+        requested = app.cancel(saga_id, by="ada", reason="changed her mind")
+        assert requested.status == "running"  # the worker holds the step: it will obey
+        wait_until(lambda: app.get(saga_id).status == "cancelled")
+    finally:
+        stop(worker)
+    calls = [(what, key.split(":")[1]) for _, what, key in effects(sagas_module)]
+    assert calls == [("do", "reserve"), ("undo", "reserve")], "pay and ship never ran"
+    assert {pid for pid, _, _ in effects(sagas_module)} == {worker.pid}
+    events = [r.event for r in app.history(saga_id)]
+    assert events[events.index("CancelRequested") :] == [
+        "CancelRequested",
+        "StepCompleted",
+        "CompensationStarted",
+        "CompensationRan",
+        "SagaCancelled",
+    ]
+    assert app.verify() == []
