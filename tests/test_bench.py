@@ -413,3 +413,15 @@ def test_the_hot_path_profile_splits_a_step_into_its_parts(tmp_path: Path) -> No
     assert {"state machine", "events: creation and apply", "transcoding"} <= set(parts)
     assert abs(sum(row["share"] for row in parts.values()) - 1.0) < 1e-6
     assert all(row["us_per_step"] > 0 for row in parts.values())
+
+
+def test_the_query_figure_compares_a_filtered_page_with_the_raw_table(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    args = ["--stores", "popo", "-n", "20", "-r", "1", "--recovery-sagas", "0"]
+    args += ["--concurrent-sagas", "0", "--workers", "", "--memory-sagas", "0"]
+    result = _bench([*args, "--query-sagas", "2000", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    query = json.loads(out.read_text())["query"]
+    assert (query["sagas"], query["rows"]) == (2000, 100)  # 200 refunds, 100 of them in flight
+    assert query["ratio"] == pytest.approx(query["store_ms"] / query["saga_es_ms"])
+    assert "straight from the store's table" in " ".join(result.output.split())
