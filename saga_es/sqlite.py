@@ -26,6 +26,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -167,6 +168,8 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
 
     def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
+        if set(query.statuses) == set(IN_FLIGHT_STATES):
+            return self._select_in_flight(query)
         filters, params = where(
             query,
             "?",
@@ -181,6 +184,32 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             f"SELECT s.* FROM {self.status_table_name}_live s"
             + filters.format(table=self.status_table_name)
             + " LIMIT ?"
+        )
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(statement, [*params, query.limit])
+            return [_status(row) for row in c.fetchall()]
+
+    def _select_in_flight(self, query: StatusQuery) -> list[SagaStatus]:
+        """Every saga in flight matching the other filters: recovery's and workers' listing.
+
+        Being in the in-flight table says the status; the other filters (name, key, start,
+        cursor) never change after a saga starts. So the page is chosen on the plain
+        tables, and only its rows are read off their latest events.
+        """
+        filters, params = where(
+            replace(query, statuses=()),
+            "?",
+            saga_id=lambda saga_id: saga_id.hex,
+            when=lambda moment: moment.isoformat(),
+        )
+        status, live = self.status_table_name, f"{self.status_table_name}_live"
+        page = (
+            f"SELECT s.saga_id FROM {status} s JOIN {self.flight} f ON f.saga_id = s.saga_id"
+            + filters.format(table=status)
+            + " LIMIT ?"
+        )
+        statement = (
+            f"SELECT s.* FROM {live} s WHERE s.saga_id IN ({page}) ORDER BY s.started_at, s.saga_id"
         )
         with self.datastore.transaction(commit=False) as c:
             c.execute(statement, [*params, query.limit])
