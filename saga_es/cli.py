@@ -426,19 +426,25 @@ def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[s
     "--format",
     "fmt",
     type=click.Choice(["json", "html"]),
-    default="json",
-    show_default=True,
-    help="JSON (schema saga_es.export/1) or a self-contained HTML report.",
+    default=None,
+    help="JSON (schema saga_es.export/1) or a self-contained HTML report "
+    "[default: html for an -o FILE ending in .html, else json].",
 )
+@click.option("--html", "fmt", flag_value="html", help="Same as --format html.")
+@click.option("--json", "fmt", flag_value="json", help="Same as --format json.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE, not stdout.")
 @_db_option
 @_definitions_option
 def export(
-    saga_id: str, fmt: str, output: str | None, db: str | None, modules: tuple[str, ...]
+    saga_id: str, fmt: str | None, output: str | None, db: str | None, modules: tuple[str, ...]
 ) -> None:
     """Export one saga's history: JSON, or an HTML report with its timeline and path."""
     from saga_es.export import export_html, export_json
 
+    if fmt is None:
+        fmt = (
+            "html" if output is not None and output.lower().endswith((".html", ".htm")) else "json"
+        )
     definitions = [d for spec in modules for d in _load_definitions(spec)]
     with _app(db) as app:
         app.register(*definitions)

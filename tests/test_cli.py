@@ -382,6 +382,15 @@ def test_export_writes_json_and_a_self_contained_html_report(tmp_path: Path) -> 
     assert 'data-outcome="failed"' in html
     assert "http://" not in html.replace("http://www.w3.org", "")
 
+    by_suffix = tmp_path / "by-suffix.html"
+    assert runner.invoke(cli, ["export", *args, "-o", str(by_suffix)]).exit_code == 0
+    assert by_suffix.read_text().startswith("<!DOCTYPE html>")
+    flagged = runner.invoke(cli, ["export", *args, "--html"])
+    assert flagged.output.startswith("<!DOCTYPE html>")
+    as_json = runner.invoke(cli, ["export", *args, "--json", "-o", str(tmp_path / "x.html")])
+    assert as_json.exit_code == 0
+    assert json.loads((tmp_path / "x.html").read_text())["schema"] == "saga_es.export/1"
+
     missing = runner.invoke(
         cli, ["export", "00000000-0000-0000-0000-000000000001", "--db", str(db)]
     )
