@@ -103,7 +103,8 @@ class StatusRecorder(Protocol):
     The rows are written in the same transaction as the events: either derived by the
     database from the saga events inserted (SQLite: triggers; PostgreSQL: the insert
     function; both read each event's JSON), or, when the recorder's `wants_status_rows`
-    is true (POPO), computed by the application and passed as
+    is true (POPO always; SQLite and PostgreSQL when the states are ciphered or
+    compressed), computed by the application and passed as
     `insert_events(stored_events, saga_statuses=[...])`.
     """
 
