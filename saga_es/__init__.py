@@ -13,6 +13,7 @@ from saga_es.aggregate import (
     SagaEvent,
     SagaForked,
     SagaResolved,
+    SagaReverted,
     SagaStarted,
     SagaStuck,
     SagaTimedOut,
@@ -27,6 +28,7 @@ from saga_es.breaker import CircuitBreaker
 from saga_es.clock import Clock, FakeClock, SystemClock
 from saga_es.definition import Parallel, Retry, SagaDefinition, Step
 from saga_es.errors import (
+    ChildSagaFailed,
     CircuitOpen,
     ConfigurationError,
     ContextError,
@@ -50,6 +52,7 @@ from saga_es.status import SagaStatus
 __all__ = [
     "TERMINAL_STATES",
     "CancelRequested",
+    "ChildSagaFailed",
     "CircuitBreaker",
     "CircuitOpen",
     "Clock",
@@ -79,6 +82,7 @@ __all__ = [
     "SagaNotFound",
     "SagaProcess",
     "SagaResolved",
+    "SagaReverted",
     "SagaStarted",
     "SagaStatus",
     "SagaStuck",

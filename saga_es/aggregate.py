@@ -345,6 +345,14 @@ class Saga(Aggregate):
             saga.compensating.pop(self.step, None)
             saga.compensated.append(self.step)
 
+    class SagaReverted(Event):
+        """A child saga that completed is undone because its parent compensates the step."""
+
+        TOPIC = "saga_es:SagaReverted"
+        trigger = "revert_saga"
+        parent_saga_id: str
+        parent_step: str
+
     class SagaForked(Event):
         """The saga continues another one from `from_step`: the steps before it are carried over.
 
@@ -585,6 +593,10 @@ class Saga(Aggregate):
         """Record that the saga is stuck on `step`'s compensation."""
         self._move(self.SagaStuck, step=step, error_type=error_type, error_message=error_message)
 
+    def revert(self, *, parent_saga_id: str, parent_step: str) -> None:
+        """Record that the parent step that started this saga is compensating it."""
+        self._move(self.SagaReverted, parent_saga_id=parent_saga_id, parent_step=parent_step)
+
     def fork(
         self, *, source_saga_id: str, source_version: int, from_step: str, carried: list[str]
     ) -> None:
@@ -751,5 +763,6 @@ SagaStuck = Saga.SagaStuck
 SagaTimedOut = Saga.SagaTimedOut
 SagaResolved = Saga.SagaResolved
 SagaForked = Saga.SagaForked
+SagaReverted = Saga.SagaReverted
 CancelRequested = Saga.CancelRequested
 SagaCancelled = Saga.SagaCancelled

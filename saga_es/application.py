@@ -44,6 +44,7 @@ from saga_es.context import State, to_state, topic_of
 from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
+    ChildSagaFailed,
     ConfigurationError,
     ContextError,
     DefinitionNotFound,
@@ -53,7 +54,7 @@ from saga_es.errors import (
     VersionNotFound,
 )
 from saga_es.history import HistoryRecord, records
-from saga_es.machine import NEW, STATES
+from saga_es.machine import CANCELLED, COMPENSATED, COMPLETED, NEW, STATES
 from saga_es.popo import POPOSagaRecorder
 from saga_es.recovery import RecoveryReport
 from saga_es.settings import (
@@ -68,7 +69,7 @@ from saga_es.settings import (
     step_timeout,
 )
 from saga_es.settings import max_resumptions as max_resumptions_setting
-from saga_es.status import SagaStatus, StatusQuery, StatusRecorder
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus, StatusQuery, StatusRecorder
 
 log = logging.getLogger("saga_es")
 log.addHandler(logging.NullHandler())  # a library logs; the application decides where to
@@ -380,6 +381,43 @@ class SagaApplication(Application[UUID]):
             stop=stop or threading.Event(),
             until_idle=until_idle,
         )
+
+    # -- nested sagas (see `Step.saga`) ------------------------------------------------------
+
+    def _run_child(self, definition: SagaDefinition, context: Any, key: str) -> dict[str, str]:
+        """Start a parent step's child (once: it is keyed by the step) and drive it to its end."""
+        child = self.run(definition, context, key=key)
+        if child.status in IN_FLIGHT_STATES:  # started before, then left by a dead worker
+            child = self._finish(child.id, definition)
+        if child.status != COMPLETED:
+            raise ChildSagaFailed(child.id, child.status, child.error)
+        return {"saga_id": str(child.id), "status": child.status}
+
+    def _revert_child(self, definition: SagaDefinition, key: str) -> None:
+        """Compensate the child a parent step started: its completed steps, in reverse."""
+        try:
+            child = self.get(self.saga_id(definition.name, key))
+        except SagaNotFound:
+            return  # never started: nothing to undo
+        if child.status in IN_FLIGHT_STATES:
+            child = self._finish(child.id, definition)
+        if child.status == COMPLETED:
+            parent_id, step = key.split(":", 1)
+            child.revert(parent_saga_id=parent_id, parent_step=step)
+            runner.resume(child, definition)
+            self._save(child)
+            check, clock, reload = self._check_encodable, self.clock, self.get
+            child = runner.run(child, definition, self._save, check, clock=clock, reload=reload)
+        if child.status not in (COMPENSATED, CANCELLED):
+            raise ChildSagaFailed(child.id, child.status, child.error)
+
+    def _finish(self, saga_id: UUID, definition: SagaDefinition) -> Saga:
+        """Resume a saga in flight now, whatever its step's timeout (its driver is here)."""
+        saga = recovery.rebuild(self, saga_id)
+        first = runner.resume(saga, definition, self.max_resumptions)
+        self._save(saga)
+        check, clock, reload = self._check_encodable, self.clock, self.get
+        return runner.run(saga, definition, self._save, check, first, clock, reload)
 
     def _taken_over(self, saga: Saga) -> Saga:
         """Another worker appended first: keep its history, stop, and say so."""

@@ -7,6 +7,7 @@ here, once, not on every call.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -229,6 +230,29 @@ class Step:
             self.compensation is not None and _is_async(self.compensation),
         )
 
+    @classmethod
+    def saga(
+        cls,
+        name: str,
+        definition: SagaDefinition,
+        *,
+        context: Callable[[Any], Any] | None = None,
+        **policies: Any,
+    ) -> Step:
+        """A step that runs a whole saga, whose completion completes the step.
+
+        Compensating the step compensates the child's completed steps in reverse order.
+        `context(parent_context)` builds the child's context (default: the parent's).
+        """
+        if not isinstance(definition, SagaDefinition):
+            raise DefinitionError(f"step {name!r}: Step.saga needs a SagaDefinition")
+        return cls(name, ChildSaga(definition, context), RevertChildSaga(definition), **policies)
+
+    @property
+    def children(self) -> list[SagaDefinition]:
+        """The definitions this step runs as child sagas (none for a plain step)."""
+        return [self.action.definition] if isinstance(self.action, ChildSaga) else []
+
     @property
     def retries(self) -> Retry:
         """The action's `Retry` (typed: `retry` is normalised at definition time)."""
@@ -254,6 +278,41 @@ class Step:
             fn = "reconcile" if label == "recovery" else "reconcile_compensation"
             raise DefinitionError(f"step {self.name!r}: {label}='reconcile' needs {fn}=...")
         return value
+
+
+CURRENT_APP: contextvars.ContextVar[Any] = contextvars.ContextVar("saga_es_current_app")
+"""The application driving the saga whose step is running: a nested step starts its child there."""
+
+
+class ChildSaga:
+    """A step's action that runs a whole saga (see `Step.saga`): the child, keyed by the step.
+
+    The child's key is the parent step's idempotency key (`<parent id>:<step>`), so each
+    parent step starts it exactly once, and its `SagaStarted` names the parent and step.
+    """
+
+    def __init__(self, definition: SagaDefinition, context: Callable[[Any], Any] | None) -> None:
+        self.definition = definition
+        self.context = context
+        self.__name__ = f"saga {definition.name}"
+
+    def __call__(self, context: Any, key: str) -> dict[str, str]:
+        """Run the child (or find the one this step already started) to its end."""
+        app = CURRENT_APP.get()
+        child_context = context if self.context is None else self.context(context)
+        return app._run_child(self.definition, child_context, key)  # type: ignore[no-any-return]
+
+
+class RevertChildSaga:
+    """The compensation of a `Step.saga`: the child's completed steps, in reverse order."""
+
+    def __init__(self, definition: SagaDefinition) -> None:
+        self.definition = definition
+        self.__name__ = f"revert saga {definition.name}"
+
+    def __call__(self, context: Any, key: str) -> None:
+        """Compensate the child this step started."""
+        CURRENT_APP.get()._revert_child(self.definition, key)
 
 
 class Parallel:
@@ -323,6 +382,7 @@ class SagaDefinition:
             if step.name in by_name:
                 raise DefinitionError(f"saga {name!r}: step name {step.name!r} is used twice")
             by_name[step.name] = step
+        _refuse_cycles(name, list(by_name.values()))
         self.name = name
         self.version = version
         self.deadline = deadline
@@ -357,3 +417,15 @@ class SagaDefinition:
 
     def __repr__(self) -> str:
         return f"SagaDefinition({self.name!r}, steps={self.step_names}, version={self.version})"
+
+
+def _refuse_cycles(name: str, steps: list[Step], path: tuple[str, ...] = ()) -> None:
+    """A nested definition that contains itself, at any depth, could never end."""
+    for step in steps:
+        for child in step.children:
+            if child.name == name or child.name in path:
+                raise DefinitionError(
+                    f"saga {name!r}: step {step.name!r} runs saga {child.name!r}, "
+                    "which contains itself"
+                )
+            _refuse_cycles(name, list(child.steps), (*path, child.name))

@@ -20,7 +20,7 @@ from saga_es.aggregate import Saga
 from saga_es.definition import RETRY, Retry, SagaDefinition, Step
 from saga_es.errors import DefinitionError
 from saga_es.history import HistoryRecord
-from saga_es.machine import MACHINE
+from saga_es.machine import MACHINE, TERMINAL_STATES
 
 START = "start"
 END = "done"
@@ -272,13 +272,20 @@ def machine_diagram(machine: Machine = MACHINE) -> str:
     """A Mermaid `stateDiagram-v2` of `machine`, read from the machine itself.
 
     One line per transition, `source --> dest : trigger`; the initial state comes from
-    `[*]`, and every state with no way out goes to `[*]`.
+    `[*]`, and the terminal states go to `[*]` (for saga_es's machine, `TERMINAL_STATES`:
+    `completed` stays terminal although a nested saga's parent may revert it; for another
+    machine, every state with no way out).
     """
     transitions = machine_transitions(machine)
     leave = {source for source, dest, _ in transitions if dest != source}
+    ends = [
+        s
+        for s in machine.states
+        if (s in TERMINAL_STATES if machine is MACHINE else s not in leave)
+    ]
     lines = ["stateDiagram-v2", "    direction LR", f"    [*] --> {machine.initial}"]
     lines.extend(f"    {source} --> {dest} : {trigger}" for source, dest, trigger in transitions)
-    lines.extend(f"    {state} --> [*]" for state in machine.states if state not in leave)
+    lines.extend(f"    {state} --> [*]" for state in ends)
     return "\n".join(lines)
 
 

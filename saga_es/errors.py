@@ -9,6 +9,7 @@
     ├── VersionNotFound (KeyError)       the saga has no event at that version
     ├── StepNotReached (KeyError)        the saga never started that step (or its compensation)
     ├── ForkRefused (ValueError)         the new definition cannot carry the steps a fork keeps
+    ├── ChildSagaFailed                  a nested saga did not complete: its parent step fails
     ├── UnreadableEvent (ValueError)     a stored event cannot be decoded (unknown type, corrupt)
     ├── IllegalTransition                the state machine refused a move
     ├── StepTimeout (TimeoutError)       an attempt outlived its timeout or the saga's deadline
@@ -109,6 +110,15 @@ class ForkRefused(SagaError, ValueError):
         lines = "; ".join(str(d) for d in divergences)
         super().__init__(f"saga {saga_id} cannot be forked under this definition: {lines}")
         self.saga_id, self.divergences = saga_id, divergences
+
+
+class ChildSagaFailed(SagaError):
+    """What a `Step.saga` records when its child saga ended without completing."""
+
+    def __init__(self, child_id: UUID, status: str, error: Any = None) -> None:
+        why = f": {error['type']}: {error['message']}" if isinstance(error, dict) else ""
+        super().__init__(f"child saga {child_id} ended {status}{why}")
+        self.child_id, self.status = child_id, status
 
 
 class UnreadableEvent(SagaError, ValueError):

@@ -239,6 +239,16 @@ def _carries_the_first_steps(ev: Any) -> bool:
     return True
 
 
+def _a_child(ev: Any) -> bool:
+    """Only a child saga is reverted, and only by the parent step that started it."""
+    probe: _Probe = ev.model
+    key = getattr(probe.saga, "key", None) or ""
+    expected = f"{ev.kwargs.get('parent_saga_id')}:{ev.kwargs.get('parent_step')}"
+    if key != expected:
+        return _refuse(probe, f"it is not the child of {expected!r}")
+    return True
+
+
 def _cancel_requested(ev: Any) -> bool:
     if not getattr(ev.model.saga, "cancel_requested", None):
         return _refuse(ev.model, "no cancel was requested")
@@ -340,6 +350,12 @@ TRANSITIONS: list[dict[str, Any]] = [
         "source": RUNNING,
         "dest": COMPLETED,
         "conditions": _all_steps_completed,
+    },
+    {
+        "trigger": "revert_saga",
+        "source": COMPLETED,
+        "dest": COMPENSATING,
+        "conditions": _a_child,
     },
     {
         "trigger": "fork_saga",

@@ -28,7 +28,16 @@ from saga_es.aggregate import Saga
 from saga_es.breaker import OPEN
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.context import State, diff, from_state, to_state
-from saga_es.definition import COMPENSATE, FAIL, RECONCILE, RETRY, SagaDefinition, Step, _is_async
+from saga_es.definition import (
+    COMPENSATE,
+    CURRENT_APP,
+    FAIL,
+    RECONCILE,
+    RETRY,
+    SagaDefinition,
+    Step,
+    _is_async,
+)
 from saga_es.errors import (
     CircuitOpen,
     ContextError,
@@ -690,7 +699,10 @@ def _call_in_thread(fn: Callable[[Any, str], Any], context: Any, key: str, secon
         finally:
             done.set()
 
-    threading.Thread(target=target, name=f"saga_es step {key}", daemon=True).start()
+    run_in_context = contextvars.copy_context().run
+    threading.Thread(
+        target=lambda: run_in_context(target), name=f"saga_es step {key}", daemon=True
+    ).start()
     if not done.wait(seconds):
         raise _Cut
     if "error" in box:
@@ -753,6 +765,22 @@ def run(
 
     With `reload`, a cancel that another process appended meanwhile is obeyed.
     """
+    token = CURRENT_APP.set(getattr(save, "__self__", None))  # for nested sagas' steps
+    try:
+        return _run(saga, definition, save, check, first, clock, reload)
+    finally:
+        CURRENT_APP.reset(token)
+
+
+def _run(
+    saga: Saga,
+    definition: SagaDefinition,
+    save: Save,
+    check: Check,
+    first: Sequence[Call],
+    clock: Clock,
+    reload: Callable[[Any], Saga] | None,
+) -> Saga:
     for call in first:
         settle(saga, definition, call, invoke(call, saga, clock), check, clock.now())
     if first:
@@ -798,6 +826,7 @@ async def arun(
     reload: Callable[[Any], Saga] | None = None,
 ) -> AsyncIterator[Sequence[Saga.Event]]:
     """Drive `saga` to the end, yielding the events of each commit once it is durable."""
+    CURRENT_APP.set(getattr(save, "__self__", None))  # this task's context: nested sagas' steps
     for call in first:
         settle(saga, definition, call, await ainvoke(call, saga, clock), check, clock.now())
     if first:

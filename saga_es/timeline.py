@@ -49,6 +49,11 @@ def timeline(events: Sequence[Saga.Event]) -> list[TimelineRow]:
         elif "changes" in data:
             detail = _changes(state, data["changes"], data["removed"])
             state = apply_diff(state, data["changes"], data["removed"])
+            result = data.get("result")
+            if isinstance(result, dict) and "saga_id" in result:  # a `Step.saga`'s child
+                detail = "; ".join(filter(None, [f"child saga {result['saga_id']}", detail]))
+        elif isinstance(event, Saga.SagaReverted):
+            detail = f"reverted by its parent {event.parent_saga_id} ({event.parent_step!r})"
         elif isinstance(event, Saga.SagaResolved):
             detail = f"{event.action} by {event.by}: {event.reason}"
         elif isinstance(event, Saga.CancelRequested):
@@ -91,6 +96,7 @@ _STYLE = {
     "CancelRequested": "bold magenta",
     "SagaCancelled": "bold magenta",
     "SagaForked": "bold cyan",
+    "SagaReverted": "yellow",
     "CompensationStarted": "yellow",
     "CompensationRan": "yellow",
     "SagaCompensated": "bold yellow",

@@ -19,6 +19,7 @@ from pgserver import PgServer, free_port
 
 from saga_es import (
     ConfigurationError,
+    DefinitionError,
     ForkRefused,
     IllegalTransition,
     Saga,
@@ -800,3 +801,117 @@ def test_a_fork_that_cannot_be_carried_is_refused_and_stores_nothing(
     with pytest.raises(SagaNotFound):
         app.fork(uuid4(), "label")
     assert app.stats() == stored
+
+
+# -- nested sagas ------------------------------------------------------------------------------
+
+
+class _Died(BaseException):
+    """A worker dying mid-call: the runner does not catch it."""
+
+
+def _nested(log: list[str], *, ship_fails: bool = False, capture_dies: bool = False) -> Any:
+    def step(name: str, fails: bool = False, dies: bool = False) -> Step:
+        def action(context: Any, key: str) -> None:
+            log.append(f"do {name}")
+            if dies and log.count(f"do {name}") == 1:
+                raise _Died
+            if fails:
+                raise RuntimeError(f"{name} failed")
+            context[name] = True
+
+        return Step(name, action, lambda context, key: log.append(f"undo {name}"))
+
+    child = SagaDefinition("payment", [step("auth"), step("capture", dies=capture_dies)])
+    parent = SagaDefinition(
+        "order", [step("reserve"), Step.saga("pay", child), step("ship", fails=ship_fails)]
+    )
+    return parent, child
+
+
+def test_a_nested_saga_completes_its_parents_step_and_is_linked_both_ways(
+    app: SagaApplication,
+) -> None:
+    log: list[str] = []
+    parent, _ = _nested(log)
+    saga = app.run(parent, {"order": 1})
+    assert saga.status == "completed"
+    assert log == ["do reserve", "do auth", "do capture", "do ship"]
+    child_id = UUID(saga.results["pay"]["saga_id"])
+    assert child_id == SagaApplication.saga_id("payment", f"{saga.id}:pay")
+    child_saga = app.get(child_id)
+    assert (child_saga.status, child_saga.key) == ("completed", f"{saga.id}:pay")
+    # The child starts from the parent's context at that step (`Step.saga(context=...)` to choose).
+    assert child_saga.context_state == {"order": 1, "reserve": True, "auth": True, "capture": True}
+    assert app.verify() == []
+
+
+def test_compensating_a_nested_step_compensates_the_childs_steps_in_reverse(
+    app: SagaApplication,
+) -> None:
+    log: list[str] = []
+    parent, _ = _nested(log, ship_fails=True)
+    saga = app.run(parent, {})
+    assert saga.status == "compensated"
+    assert log[-3:] == ["undo capture", "undo auth", "undo reserve"]
+    child_id = UUID(saga.results["pay"]["saga_id"])
+    assert app.get(child_id).status == "compensated"
+    assert [r.event for r in app.history(child_id)][-6:] == [
+        "SagaReverted",
+        "CompensationStarted",
+        "CompensationRan",
+        "CompensationStarted",
+        "CompensationRan",
+        "SagaCompensated",
+    ]
+    assert app.verify() == []
+
+
+def test_a_child_that_fails_fails_its_parents_step(app: SagaApplication) -> None:
+    log: list[str] = []
+    child = SagaDefinition(
+        "refund",
+        [
+            Step("auth", lambda c, k: log.append("do auth"), lambda c, k: log.append("undo auth")),
+            Step("capture", lambda c, k: (_ for _ in ()).throw(RuntimeError("declined"))),
+        ],
+    )
+    parent = SagaDefinition(
+        "order",
+        [
+            Step("reserve", lambda c, k: None, lambda c, k: log.append("undo reserve")),
+            Step.saga("pay", child),
+        ],
+    )
+    saga = app.run(parent, {})
+    assert saga.status == "compensated"
+    assert saga.error is not None
+    assert saga.error["type"] == "ChildSagaFailed"
+    assert log == ["do auth", "undo auth", "undo reserve"]  # the child undid itself
+
+
+def test_recovery_brings_parent_and_child_to_consistent_ends_after_a_crash(
+    app: SagaApplication,
+) -> None:
+    log: list[str] = []
+    parent, _ = _nested(log, capture_dies=True)
+    with pytest.raises(_Died):
+        app.run(parent, {}, key="crash")
+    parent_id = SagaApplication.saga_id("order", "crash")
+    child_id = SagaApplication.saga_id("payment", f"{parent_id}:pay")
+    assert (app.get(parent_id).status, app.get(child_id).status) == ("running", "running")
+    app.default_step_timeout = 0
+    app.recover()
+    assert (app.get(parent_id).status, app.get(child_id).status) == ("completed", "completed")
+    assert log.count("do auth") == 1, "the child was started once"
+    assert log.count("do capture") == 2  # re-run once, with the same key
+    assert app.verify() == []
+
+
+def test_a_definition_that_contains_itself_is_refused() -> None:
+    inner = SagaDefinition("loop", [Step("x", lambda c, k: None)])
+    middle = SagaDefinition("middle", [Step.saga("again", inner)])
+    with pytest.raises(DefinitionError, match="contains itself"):
+        SagaDefinition("loop", [Step.saga("nested", middle)])
+    with pytest.raises(DefinitionError, match="needs a SagaDefinition"):
+        Step.saga("pay", "payment")  # type: ignore[arg-type]

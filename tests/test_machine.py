@@ -76,6 +76,7 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
         "request_cancel",
         "cancel_saga",
         "fork_saga",
+        "revert_saga",
     }
     assert not [t for t in TRIGGERS if t.startswith("to_")]
 
@@ -116,7 +117,7 @@ def test_the_triggers_are_the_saga_moves_and_no_auto_transitions() -> None:
                 "cancel_saga",
             },
         ),
-        (m.COMPLETED, set()),
+        (m.COMPLETED, {"revert_saga"}),
         (m.COMPENSATED, set()),
         (m.STUCK, {"resolve_saga"}),
     ],
@@ -149,6 +150,7 @@ def test_every_saga_event_class_is_one_trigger_and_has_a_stable_topic() -> None:
         Saga.CancelRequested,
         Saga.SagaCancelled,
         Saga.SagaForked,
+        Saga.SagaReverted,
     ]
     assert sorted(c.trigger for c in classes) == sorted(TRIGGERS)
     for cls in classes:
