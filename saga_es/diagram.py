@@ -304,6 +304,7 @@ class _StepTrace:
     undo: str | None = None  # None, "running", "done", "failed"
     undo_error: str | None = None
     undo_by_hand: bool = False
+    child: str | None = None  # the id of the saga a `Step.saga` step ran
 
 
 @dataclass
@@ -350,6 +351,9 @@ def _trace(events: Iterable[Saga.Event | HistoryRecord]) -> _Trace:
             step.on_fallback = bool(fields.get("fallback"))
         elif name == "StepCompleted":
             step.action = "completed"
+            result = fields.get("result")
+            if isinstance(result, dict) and "saga_id" in result:
+                step.child = str(result["saga_id"])
         elif name == "StepFailed":
             step.action = "retrying" if fields.get("will_retry") else "failed"
             step.error = fields.get("error_type")
@@ -437,6 +441,8 @@ def saga_path_diagram(
         step_classes, notes = _step_classes(index, step, state)
         classes.update(step_classes)
         drawing.step_notes[index] = [_primary_note(state, step_classes[_node_id(index)])]
+        if state.child is not None:  # a nested saga: the tree goes on in the child's drawing
+            drawing.step_notes[index].append(f"child saga {state.child}")
         drawing.undo_notes.update(notes)
     ends = {"completed": "completed", "compensated": "compensated", "stuck": "stuck"}
     classes[END] = ends.get(trace.status or "", "unreached")

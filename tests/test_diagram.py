@@ -531,3 +531,15 @@ def test_events_of_another_definition_are_refused(app: SagaApplication) -> None:
     other = SagaDefinition("booking", [Step("reserve", reserve), Step("pay", charge)])
     with pytest.raises(DefinitionError, match="recorded for"):
         saga_path_diagram(other, events)
+
+
+def test_a_nested_step_names_its_child_saga_in_the_path() -> None:
+    from saga_es import SagaApplication, SagaDefinition, Step
+    from saga_es.diagram import saga_path_diagram
+
+    app = SagaApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    payment = SagaDefinition("payment", [Step("authorise", lambda c, k: None)])
+    order = SagaDefinition("order", [Step.saga("pay", payment)])
+    saga = app.run(order, {})
+    drawing = saga_path_diagram(order, app.saga_events(saga.id))
+    assert f"child saga {saga.results['pay']['saga_id']}" in drawing
