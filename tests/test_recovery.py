@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -1471,3 +1476,60 @@ def test_a_poison_step_marked_compensated_undoes_what_came_before(
 def test_a_bad_resumption_limit_names_the_setting(env: Env) -> None:
     with pytest.raises(ConfigurationError, match="SAGA_MAX_RESUMPTIONS"):
         SagaApplication(env={**env, "SAGA_MAX_RESUMPTIONS": "-1"})
+
+
+POISON = """
+import os, signal, sys
+from saga_es import SagaApplication, SagaDefinition, Step
+
+
+def kills(context, key):
+    with open(os.environ["POISON_LOG"], "a") as log:
+        log.write(key + "\\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+POISON = SagaDefinition("poison", [Step("a", lambda c, k: None), Step("b", kills)])
+store = ("PERSISTENCE", "SQLITE", "POSTGRES", "SAGA_")
+app = SagaApplication(env={k: v for k, v in os.environ.items() if k.startswith(store)})
+app.register(POISON)
+if sys.argv[1] == "run":
+    app.run(POISON, {}, key="p")
+else:
+    report = app.recover()
+    print(len(report.resumed), len(report.failed))
+"""
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_a_step_that_kills_its_process_every_time_ends_stuck(
+    store: str, env: Env, open_app: Callable[[Env], SagaApplication], tmp_path: Path
+) -> None:
+    script = tmp_path / "poison.py"
+    script.write_text(POISON)
+    settings = {**env, "SAGA_STEP_TIMEOUT": "0", "SAGA_MAX_RESUMPTIONS": "2"}
+    process_env = {**os.environ, **settings, "POISON_LOG": str(tmp_path / "calls.log")}
+
+    def attempt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), *args],
+            env=process_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert attempt("run").returncode == -signal.SIGKILL
+    for _ in range(2):  # each resumption runs b again, and b kills that process too
+        assert attempt("recover").returncode == -signal.SIGKILL
+    last = attempt("recover")
+    assert last.returncode == 0, last.stderr  # the third resumption does not run b again
+    app = open_app(settings)
+    saga = app.get(SagaApplication.saga_id("poison", "p"))
+    assert saga.status == "stuck"
+    assert saga.error is not None
+    assert saga.error["type"] == "PoisonStep"
+    calls = (tmp_path / "calls.log").read_text().split()
+    assert calls == [f"{saga.id}:b"] * 3
+    assert app.verify() == []
