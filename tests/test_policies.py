@@ -1430,6 +1430,44 @@ def test_a_failed_trial_opens_the_breaker_again(app: SagaApplication, clock: Fak
     assert app.verify() == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_half_open_trial_cancelled_with_its_group_does_not_jam_the_breaker(
+    app: SagaApplication, clock: FakeClock, mode: str
+) -> None:
+    card = Card()
+    breaker = CircuitBreaker("cards", failure_threshold=1, reset_timeout=30)
+    definition = pay("pay", card, breaker)
+    app.run(definition, {})
+    clock.advance(30)
+    assert breaker.state(clock.monotonic()) == "half-open"
+    trial_began = asyncio.Event()
+
+    async def slow_card(context: Any, key: str) -> Any:
+        trial_began.set()
+        await asyncio.sleep(HANG)  # cancelled when its sibling fails
+
+    async def sibling(context: Any, key: str) -> Any:
+        await trial_began.wait()
+        raise Permanent("sibling failed")
+
+    group = SagaDefinition(
+        "group",
+        [Parallel(Step("charge", slow_card, noop, breaker=breaker), Step("other", sibling))],
+    )
+    began = time.monotonic()
+    cut = execute(app, group, {}, mode)
+    assert time.monotonic() - began < HANG / 2
+    assert cut.status == "compensated"
+    assert ("charge", 1, "StepCancelled", False, True, 0.0, None) in step_failures(app, cut.id)
+    card.failing = False
+    after = app.run(definition, {})  # the next call is the trial: the card is called
+    assert card.calls == 2
+    assert after.status == "completed"
+    assert app.get(after.id).context == {"paid_by": "card"}
+    assert breaker.state(clock.monotonic()) == "closed"
+    assert app.verify() == []
+
+
 # -- parallel groups -------------------------------------------------------------------
 
 
