@@ -1816,6 +1816,12 @@ BAD_INPUT = [
     pytest.param(lambda: Retry(retry_on=(ValueError, "x")), "retry_on", id="retry_on-not-error"),
     pytest.param(lambda: Step("s", noop, timeout=0), "timeout", id="zero-timeout"),
     pytest.param(lambda: Step("s", noop, timeout=-0.5), "timeout", id="negative-timeout"),
+    pytest.param(lambda: Step("s", noop, timeout=float("nan")), "timeout", id="NaN-timeout"),
+    pytest.param(
+        lambda: SagaDefinition("d", [Step("a", noop)], deadline=float("inf")),
+        "deadline",
+        id="infinite-deadline",
+    ),
     pytest.param(
         lambda: SagaDefinition("d", [Step("a", noop)], deadline=0), "deadline", id="zero-deadline"
     ),
@@ -1824,6 +1830,12 @@ BAD_INPUT = [
         "fallback needs a primary",
         id="fallback-without-primary",
     ),
+    pytest.param(
+        lambda: Step("s", fallback=noop),
+        "fallback needs a primary",
+        id="fallback-without-primary-argument",
+    ),
+    pytest.param(lambda: Step("s"), "needs an action", id="step-without-action"),
     pytest.param(
         lambda: Step("s", noop, fallback_compensation=noop),
         "fallback_compensation needs a fallback",
