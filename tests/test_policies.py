@@ -20,7 +20,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from conftest import CommitSpy, Env
+from conftest import DURABLE_STORES, CommitSpy, Env
 
 from saga_es import (
     CircuitBreaker,
@@ -728,6 +728,20 @@ def test_resolve_on_a_saga_that_is_not_stuck_raises_and_appends_nothing(
     assert len(app.saga_events(saga.id)) == len(before)
     assert app.get(saga.id).status == outcome
     assert app.verify() == []
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_resolve_on_a_saga_that_is_not_stuck_says_so_even_where_its_definition_is_unknown(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    script = Script()
+    definition = SagaDefinition("fine", [Step("a", script.do("a"))])
+    saga = app.run(definition, {})
+    elsewhere = open_app(env)  # another process: no definitions registered
+    with pytest.raises(IllegalTransition, match="only a stuck saga can be resolved"):
+        elsewhere.resolve(saga.id, "mark-compensated", by="ada", reason="no reason")
+    assert len(elsewhere.saga_events(saga.id)) == 4
+    assert elsewhere.get(saga.id).status == "completed"
 
 
 @pytest.mark.parametrize(
