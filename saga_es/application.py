@@ -48,13 +48,14 @@ from saga_es.errors import (
     ConfigurationError,
     ContextError,
     DefinitionNotFound,
+    IllegalTransition,
     SagaError,
     SagaNotFound,
     UnreadableEvent,
     VersionNotFound,
 )
 from saga_es.history import HistoryRecord, records
-from saga_es.machine import CANCELLED, COMPENSATED, COMPLETED, NEW, STATES
+from saga_es.machine import CANCELLED, COMPENSATED, COMPLETED, NEW, STATES, STUCK
 from saga_es.popo import POPOSagaRecorder
 from saga_es.recovery import RecoveryReport
 from saga_es.settings import (
@@ -736,6 +737,10 @@ class SagaApplication(Application[UUID]):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"resolve needs {label}= (a non-empty string), got {value!r}")
         saga = self.get(saga_id)
+        if saga.status != STUCK:  # said first: its definition need not be registered to know
+            raise IllegalTransition(
+                saga.id, saga.status, "resolve_saga", "only a stuck saga can be resolved"
+            )
         definition = self.definition(saga.name, saga.definition_version)
         with tracing.saga_span(saga, "resolve"):
             return self._resolve(saga, definition, action, by=by, reason=reason)

@@ -99,15 +99,19 @@ class CircuitBreaker:
 
     def allow(self, now: float) -> bool:
         """Whether to make the call; once half-open, only one trial call is let through."""
+        return self.admit(now) is not None
+
+    def admit(self, now: float) -> str | None:
+        """Let a call through: CLOSED, or HALF_OPEN for the one trial; None if refused."""
         state = self._state
         with state.lock:
             current = self._current(state, now)
             if current == CLOSED:
-                return True
+                return CLOSED
             if current == OPEN or state.trial_out:
-                return False
+                return None
             state.trial_out = True
-            return True
+            return HALF_OPEN
 
     def record_success(self, now: float) -> str:
         """A success proves the service is back: close and forget earlier failures."""
@@ -131,6 +135,16 @@ class CircuitBreaker:
                 state.opened_at = now
                 state.trial_out = False
             return self._current(state, now)
+
+    def abandon_trial(self) -> None:
+        """The trial call was cut off before it ended (cancelled): it proves nothing.
+
+        Free the slot so that the next call is the trial; otherwise the breaker
+        would stay half-open and refuse every call from then on.
+        """
+        state = self._state
+        with state.lock:
+            state.trial_out = False
 
     def reset(self) -> None:
         """Close the breaker by hand, for tests and operators."""

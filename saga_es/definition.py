@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class Step:
     """
 
     name: str
-    action: Action
+    action: Action = None  # type: ignore[assignment]  # refused below: a clear DefinitionError
     compensation: Action | None = None
     retry: Retry | int | None = field(default=None, kw_only=True)
     compensation_retry: Retry | int | None = field(default=None, kw_only=True)
@@ -177,6 +178,8 @@ class Step:
             raise DefinitionError(
                 f"step {self.name!r}: a fallback needs a primary action to fall back from"
             )
+        if self.action is None:
+            raise DefinitionError(f"step {self.name!r} needs an action")
         if not callable(self.action):
             raise DefinitionError(f"step {self.name!r}: action must be callable")
         for label, fn in (
@@ -204,11 +207,7 @@ class Step:
             self, "compensation_retry", _retry(owner, "compensation_retry", self.compensation_retry)
         )
         object.__setattr__(self, "fallback_on", _errors(owner, "fallback_on", self.fallback_on))
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool)
-            or not isinstance(self.timeout, int | float)
-            or self.timeout <= 0
-        ):
+        if self.timeout is not None and not _positive(self.timeout):  # NaN too
             raise DefinitionError(
                 f"step {self.name!r}: timeout must be a number of seconds > 0, got {self.timeout!r}"
             )
@@ -360,9 +359,9 @@ class SagaDefinition:
             raise DefinitionError(f"a saga definition needs a non-empty name, got {name!r}")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise DefinitionError(f"saga {name!r}: version must be an int >= 1, got {version!r}")
-        if deadline is not None and not _positive(deadline):
+        if deadline is not None and not (_positive(deadline) and math.isfinite(deadline)):
             raise DefinitionError(
-                f"saga {name!r}: deadline must be a number of seconds > 0, got {deadline!r}"
+                f"saga {name!r}: deadline must be a finite number of seconds > 0, got {deadline!r}"
             )
         items = tuple(steps)
         if not items:

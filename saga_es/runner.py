@@ -25,7 +25,7 @@ from eventsourcing.persistence import IntegrityError
 
 from saga_es import tracing
 from saga_es.aggregate import Saga
-from saga_es.breaker import OPEN
+from saga_es.breaker import CLOSED, HALF_OPEN, OPEN
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.context import State, diff, from_state, to_state
 from saga_es.definition import (
@@ -555,7 +555,8 @@ def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
         except Exception as e:
             return Outcome(error=e)
     breaker = _breaker_of(call)
-    if breaker is not None and not breaker.allow(clock.monotonic()):
+    admitted = CLOSED if breaker is None else breaker.admit(clock.monotonic())
+    if admitted is None:
         return Outcome(error=CircuitOpen(breaker.name), breaker=OPEN)
     limit, by_deadline = _limit(call, saga, clock)
     base = saga.context_state
@@ -577,6 +578,10 @@ def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
         )
     except Exception as e:
         outcome = Outcome(error=e)
+    except BaseException:
+        if admitted == HALF_OPEN:
+            breaker.abandon_trial()
+        raise
     outcome = _record_breaker(breaker, outcome, clock)
     if _must_reconcile(call, outcome):
         reconcile = replace(call, kind=RECONCILE_ACTION)
@@ -601,7 +606,8 @@ async def ainvoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcom
 
 async def _ainvoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
     breaker = _breaker_of(call)
-    if breaker is not None and not breaker.allow(clock.monotonic()):
+    admitted = CLOSED if breaker is None else breaker.admit(clock.monotonic())
+    if admitted is None:
         return Outcome(error=CircuitOpen(breaker.name), breaker=OPEN)
     limit, by_deadline = _limit(call, saga, clock)
     base = saga.context_state
@@ -621,6 +627,10 @@ async def _ainvoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
         )
     except Exception as e:
         outcome = Outcome(error=e)
+    except BaseException:  # cancelled, e.g. because a sibling in its group failed
+        if admitted == HALF_OPEN:
+            breaker.abandon_trial()
+        raise
     outcome = _record_breaker(breaker, outcome, clock)
     if _must_reconcile(call, outcome):
         answer = await ainvoke(replace(call, kind=RECONCILE_ACTION), saga, clock)

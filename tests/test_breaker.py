@@ -82,6 +82,25 @@ def test_a_failed_trial_reopens_with_a_new_opened_at() -> None:
     assert breaker.allow(26)
 
 
+def test_admit_says_whether_a_call_is_the_half_open_trial() -> None:
+    breaker = CircuitBreaker("cards", failure_threshold=1, reset_timeout=10)
+    assert breaker.admit(0) == CLOSED
+    breaker.record_failure(0)
+    assert breaker.admit(5) is None
+    assert breaker.admit(10) == HALF_OPEN
+    assert breaker.admit(10) is None  # the trial is out
+
+
+def test_an_abandoned_trial_lets_the_next_call_be_the_trial() -> None:
+    breaker = CircuitBreaker("cards", failure_threshold=1, reset_timeout=10)
+    breaker.record_failure(0)
+    assert breaker.admit(10) == HALF_OPEN
+    breaker.abandon_trial()  # the trial was cancelled: it proved nothing
+    assert breaker.state(11) == HALF_OPEN
+    assert breaker.admit(11) == HALF_OPEN
+    assert breaker.record_success(12) == CLOSED
+
+
 def test_a_fake_clock_drives_the_breaker() -> None:
     clock = FakeClock()
     breaker = CircuitBreaker("cards", failure_threshold=1, reset_timeout=30)

@@ -20,7 +20,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from conftest import CommitSpy, Env
+from conftest import DURABLE_STORES, CommitSpy, Env
 
 from saga_es import (
     CircuitBreaker,
@@ -730,6 +730,20 @@ def test_resolve_on_a_saga_that_is_not_stuck_raises_and_appends_nothing(
     assert app.verify() == []
 
 
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_resolve_on_a_saga_that_is_not_stuck_says_so_even_where_its_definition_is_unknown(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    script = Script()
+    definition = SagaDefinition("fine", [Step("a", script.do("a"))])
+    saga = app.run(definition, {})
+    elsewhere = open_app(env)  # another process: no definitions registered
+    with pytest.raises(IllegalTransition, match="only a stuck saga can be resolved"):
+        elsewhere.resolve(saga.id, "mark-compensated", by="ada", reason="no reason")
+    assert len(elsewhere.saga_events(saga.id)) == 4
+    assert elsewhere.get(saga.id).status == "completed"
+
+
 @pytest.mark.parametrize(
     ("action", "by", "reason", "error", "message"),
     [
@@ -1430,6 +1444,44 @@ def test_a_failed_trial_opens_the_breaker_again(app: SagaApplication, clock: Fak
     assert app.verify() == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_half_open_trial_cancelled_with_its_group_does_not_jam_the_breaker(
+    app: SagaApplication, clock: FakeClock, mode: str
+) -> None:
+    card = Card()
+    breaker = CircuitBreaker("cards", failure_threshold=1, reset_timeout=30)
+    definition = pay("pay", card, breaker)
+    app.run(definition, {})
+    clock.advance(30)
+    assert breaker.state(clock.monotonic()) == "half-open"
+    trial_began = asyncio.Event()
+
+    async def slow_card(context: Any, key: str) -> Any:
+        trial_began.set()
+        await asyncio.sleep(HANG)  # cancelled when its sibling fails
+
+    async def sibling(context: Any, key: str) -> Any:
+        await trial_began.wait()
+        raise Permanent("sibling failed")
+
+    group = SagaDefinition(
+        "group",
+        [Parallel(Step("charge", slow_card, noop, breaker=breaker), Step("other", sibling))],
+    )
+    began = time.monotonic()
+    cut = execute(app, group, {}, mode)
+    assert time.monotonic() - began < HANG / 2
+    assert cut.status == "compensated"
+    assert ("charge", 1, "StepCancelled", False, True, 0.0, None) in step_failures(app, cut.id)
+    card.failing = False
+    after = app.run(definition, {})  # the next call is the trial: the card is called
+    assert card.calls == 2
+    assert after.status == "completed"
+    assert app.get(after.id).context == {"paid_by": "card"}
+    assert breaker.state(clock.monotonic()) == "closed"
+    assert app.verify() == []
+
+
 # -- parallel groups -------------------------------------------------------------------
 
 
@@ -1778,6 +1830,12 @@ BAD_INPUT = [
     pytest.param(lambda: Retry(retry_on=(ValueError, "x")), "retry_on", id="retry_on-not-error"),
     pytest.param(lambda: Step("s", noop, timeout=0), "timeout", id="zero-timeout"),
     pytest.param(lambda: Step("s", noop, timeout=-0.5), "timeout", id="negative-timeout"),
+    pytest.param(lambda: Step("s", noop, timeout=float("nan")), "timeout", id="NaN-timeout"),
+    pytest.param(
+        lambda: SagaDefinition("d", [Step("a", noop)], deadline=float("inf")),
+        "deadline",
+        id="infinite-deadline",
+    ),
     pytest.param(
         lambda: SagaDefinition("d", [Step("a", noop)], deadline=0), "deadline", id="zero-deadline"
     ),
@@ -1786,6 +1844,12 @@ BAD_INPUT = [
         "fallback needs a primary",
         id="fallback-without-primary",
     ),
+    pytest.param(
+        lambda: Step("s", fallback=noop),
+        "fallback needs a primary",
+        id="fallback-without-primary-argument",
+    ),
+    pytest.param(lambda: Step("s"), "needs an action", id="step-without-action"),
     pytest.param(
         lambda: Step("s", noop, fallback_compensation=noop),
         "fallback_compensation needs a fallback",
