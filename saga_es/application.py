@@ -301,7 +301,17 @@ class SagaApplication(Application[UUID]):
 
     def run(self, definition: SagaDefinition, context: Any, *, key: str | None = None) -> Saga:
         """Run a saga to its end and return it; with a known `key`, return that saga."""
-        saga = self._start(definition, context, key)
+        return self._run_saga(definition, context, key)
+
+    def _run_saga(
+        self,
+        definition: SagaDefinition,
+        context: Any,
+        key: str | None,
+        parent: tuple[str, str] | None = None,
+    ) -> Saga:
+        """`run`; `parent` (saga id, step) is what a nested saga's `SagaStarted` names."""
+        saga = self._start(definition, context, key, parent=parent)
         clock = self.clock
         if saga.pending_events:
             if not self._save_start(saga):
@@ -386,7 +396,8 @@ class SagaApplication(Application[UUID]):
 
     def _run_child(self, definition: SagaDefinition, context: Any, key: str) -> dict[str, str]:
         """Start a parent step's child (once: it is keyed by the step) and drive it to its end."""
-        child = self.run(definition, context, key=key)
+        parent_id, step = key.split(":", 1)  # the parent step's key: `<parent id>:<step>`
+        child = self._run_saga(definition, context, key, parent=(parent_id, step))
         if child.status in IN_FLIGHT_STATES:  # started before, then left by a dead worker
             child = self._finish(child.id, definition)
         if child.status != COMPLETED:
@@ -479,7 +490,13 @@ class SagaApplication(Application[UUID]):
             yield [], await asyncio.to_thread(self._taken_over, saga)
 
     def _start(
-        self, definition: SagaDefinition, context: Any, key: str | None, *, begin: bool = True
+        self,
+        definition: SagaDefinition,
+        context: Any,
+        key: str | None,
+        *,
+        begin: bool = True,
+        parent: tuple[str, str] | None = None,
     ) -> Saga:
         """A new saga with its first step written ahead, or the one already under `key`."""
         self.register(definition)
@@ -513,6 +530,8 @@ class SagaApplication(Application[UUID]):
             deadline=None
             if definition.deadline is None
             else self.clock.now() + timedelta(seconds=definition.deadline),
+            parent_saga_id=None if parent is None else parent[0],
+            parent_step=None if parent is None else parent[1],
         )
         if begin:
             runner.begin(saga)

@@ -26,6 +26,7 @@ from saga_es import (
     SagaApplication,
     SagaDefinition,
     SagaNotFound,
+    SagaStarted,
     SagaStatus,
     SagaUpdate,
     Step,
@@ -490,8 +491,16 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     snapshot = Saga.Snapshot.take(saga)
     state = dict(snapshot.state)
-    assert state.pop("class_version") == 2
-    for name in ("groups", "fallback_compensable", "deadline", "on_fallback", "retrying"):
+    assert state.pop("class_version") == 3
+    for name in (
+        "groups",
+        "fallback_compensable",
+        "deadline",
+        "on_fallback",
+        "retrying",
+        "parent_saga_id",
+        "parent_step",
+    ):
         del state[name]
     old = Saga.Snapshot(
         originator_id=snapshot.originator_id,
@@ -502,6 +511,7 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     restored = old.mutate(None)
     assert (restored.groups, restored.on_fallback, restored.retrying) == ([], [], {})
+    assert (restored.parent_saga_id, restored.parent_step) == (None, None)
     restored.start_step("a", 1)
     assert restored.in_flight == {"a": 1}
 
@@ -844,6 +854,33 @@ def test_a_nested_saga_completes_its_parents_step_and_is_linked_both_ways(
     # The child starts from the parent's context at that step (`Step.saga(context=...)` to choose).
     assert child_saga.context_state == {"order": 1, "reserve": True, "auth": True, "capture": True}
     assert app.verify() == []
+
+
+def test_a_nested_sagas_first_event_names_its_parent_and_step_and_timelines_show_the_tree(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    from saga_es.diagram import definition_diagram
+    from saga_es.timeline import timeline
+
+    log: list[str] = []
+    parent, _ = _nested(log)
+    saga = app.run(parent, {"order": 1})
+    child_id = UUID(saga.results["pay"]["saga_id"])
+    started = reader.saga_events(child_id)[0]
+    assert isinstance(started, SagaStarted)
+    assert (started.parent_saga_id, started.parent_step) == (str(saga.id), "pay")
+    child = reader.get(child_id)
+    assert (child.parent_saga_id, child.parent_step) == (str(saga.id), "pay")
+    # A saga that is nobody's child names no parent.
+    assert (saga.parent_saga_id, saga.parent_step) == (None, None)
+    assert reader.saga_events(saga.id)[0].parent_saga_id is None
+    # The history shows the link, and the timelines go down from the parent and up from the child.
+    assert reader.history(child_id)[0].details["parent_saga_id"] == str(saga.id)
+    down = [r.detail for r in timeline(reader.saga_events(saga.id)) if r.step == "pay"]
+    assert any(f"child saga {child_id}" in detail for detail in down)
+    up = timeline(reader.saga_events(child_id))[0].detail
+    assert up.startswith(f"child of saga {saga.id} ('pay')")
+    assert "saga payment v1: auth → capture" in definition_diagram(parent)
 
 
 def test_compensating_a_nested_step_compensates_the_childs_steps_in_reverse(
