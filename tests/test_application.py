@@ -667,6 +667,78 @@ def test_a_cancelled_saga_whose_worker_died_is_finished_by_recovery(
     assert app.verify() == []
 
 
+@pytest.mark.parametrize("driver", ["run", "arun"])
+def test_a_cancel_cuts_a_running_async_action_only_if_its_step_opts_in(
+    app: SagaApplication, driver: str
+) -> None:
+    log: list[str] = []
+    inside = threading.Event()
+
+    async def slow(context: Any, key: str) -> None:
+        log.append("do wait")
+        inside.set()
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            log.append("cut wait")
+            raise
+        context["waited"] = True
+
+    def step(name: str) -> Step:
+        return Step(
+            name,
+            lambda context, key: log.append(f"do {name}"),
+            lambda context, key: log.append(f"undo {name}"),
+        )
+
+    def cancelled_after(cancellable: bool) -> tuple[str, float]:
+        log.clear()
+        inside.clear()
+        name = f"slow-{cancellable}-{driver}"
+        definition = SagaDefinition(
+            name,
+            [
+                step("reserve"),
+                Step("wait", slow, lambda c, k: log.append("undo wait"), cancellable=cancellable),
+                step("ship"),
+            ],
+        )
+        saga_id = app.saga_id(name, "k")
+        runs: list[Saga] = []
+        if driver == "run":
+            worker = threading.Thread(target=lambda: runs.append(app.run(definition, {}, key="k")))
+        else:
+            worker = threading.Thread(
+                target=lambda: runs.append(asyncio.run(app.arun(definition, {}, key="k")))
+            )
+        worker.start()
+        assert inside.wait(5)
+        asked = time.monotonic()
+        assert app.cancel(saga_id, by="ada", reason="changed her mind").status == "running"
+        worker.join(10)
+        assert runs
+        assert runs[0].status == "cancelled"
+        events = [r.event for r in app.history(saga_id)]
+        return events[events.index("CancelRequested") + 1], time.monotonic() - asked
+
+    # Not opted in: the action runs to its end, its completion is recorded, then undone.
+    after, waited = cancelled_after(False)
+    assert after == "StepCompleted"
+    assert waited >= 0.5
+    assert log == ["do reserve", "do wait", "undo wait", "undo reserve"]
+    # Opted in: the action is cancelled at once; its outcome unknown, it is undone too.
+    after, waited = cancelled_after(True)
+    assert after == "StepFailed"
+    assert waited < 0.9
+    assert log == ["do reserve", "do wait", "cut wait", "undo wait", "undo reserve"]
+    assert app.verify() == []
+
+
+def test_a_cancellable_step_needs_an_async_action() -> None:
+    with pytest.raises(DefinitionError, match="cancellable=True needs an async action"):
+        Step("wait", lambda context, key: None, cancellable=True)
+
+
 def test_cancel_of_a_terminal_stuck_or_unknown_saga_is_refused_and_appends_nothing(
     app: SagaApplication,
 ) -> None:
