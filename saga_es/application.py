@@ -948,9 +948,37 @@ class SagaApplication(Application[UUID]):
     statuses = sagas
     """`sagas` under the name of the projection it reads."""
 
-    def stats(self) -> dict[tuple[str, str], int]:
-        """How many sagas there are per (definition name, status), from the projection."""
-        return self._status_recorder.count_statuses()
+    def stats(
+        self,
+        *,
+        status: str | Sequence[str] = (),
+        name: str | None = None,
+        key: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """How many sagas there are per (definition name, status), from the projection.
+
+        The filters are `sagas`'s: with any, the matching rows are counted page by page.
+        """
+        filters = {
+            "status": status,
+            "name": name,
+            "key": key,
+            "started_after": started_after,
+            "started_before": started_before,
+        }
+        if not any(filters.values()):
+            return self._status_recorder.count_statuses()
+        counts: dict[tuple[str, str], int] = {}
+        after: UUID | None = None
+        while True:
+            page = self.sagas(**filters, after=after, limit=1000)  # type: ignore[arg-type]
+            for row in page:
+                counts[row.name, row.status] = counts.get((row.name, row.status), 0) + 1
+            if len(page) < 1000:
+                return counts
+            after = page[-1].saga_id
 
     def rebuild_status(self) -> int:
         """Recompute the status row of every readable saga from its events; how many.

@@ -544,6 +544,23 @@ def test_every_event_is_logged_with_its_saga_step_and_attempt(
     assert not any("4111" in r.getMessage() for r in caplog.records), "contexts are not logged"
 
 
+def test_stats_take_the_same_filters_as_sagas(app: SagaApplication) -> None:
+    ok = SagaDefinition("ok", [Step("a", lambda c, k: None)])
+    bad = SagaDefinition("bad", [Step("a", lambda c, k: (_ for _ in ()).throw(RuntimeError()))])
+    app.run(ok, {}, key="k1")
+    app.run(ok, {})
+    app.run(bad, {})
+    middle = app.sagas()[1].started_at
+    assert app.stats() == {("ok", "completed"): 2, ("bad", "compensated"): 1}
+    assert app.stats(status="compensated") == {("bad", "compensated"): 1}
+    assert app.stats(name="ok", key="k1") == {("ok", "completed"): 1}
+    assert app.stats(started_after=middle) == {("bad", "compensated"): 1}
+    assert app.stats(started_before=middle) == {("ok", "completed"): 1}
+    assert app.stats(name="none") == {}
+    with pytest.raises(ValueError, match="unknown saga status 'lost'"):
+        app.stats(status="lost")
+
+
 def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
     app: SagaApplication,
 ) -> None:
