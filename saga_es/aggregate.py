@@ -29,7 +29,7 @@ class Saga(Aggregate):
     """
 
     TOPIC = "saga_es:Saga"
-    class_version = 2
+    class_version = 3
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -42,6 +42,12 @@ class Saga(Aggregate):
         state.setdefault("resumptions", {})
         state.setdefault("cancel_requested", None)
         state.setdefault("forked_from", None)
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        """Snapshots before nested sagas named their parent."""
+        state.setdefault("parent_saga_id", None)
+        state.setdefault("parent_step", None)
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -61,11 +67,14 @@ class Saga(Aggregate):
             """Change the saga's data; nothing else (it runs on replay too)."""
 
     class SagaStarted(Event, Aggregate.Created):
-        """The saga exists: its definition, steps, business key and initial context."""
+        """The saga exists: its definition, steps, business key and initial context.
+
+        A nested saga also names the parent saga and the step that started it.
+        """
 
         TOPIC = "saga_es:SagaStarted"
         trigger = "start_saga"
-        class_version = 2
+        class_version = 3
         name: str
         definition_version: int
         steps: list[str]
@@ -76,6 +85,8 @@ class Saga(Aggregate):
         parallel: list[list[str]] = dataclasses.field(default_factory=list)
         fallback_compensable: list[str] = dataclasses.field(default_factory=list)
         deadline: datetime | None = None
+        parent_saga_id: str | None = None
+        parent_step: str | None = None
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -83,6 +94,12 @@ class Saga(Aggregate):
             state.setdefault("parallel", [])
             state.setdefault("fallback_compensable", [])
             state.setdefault("deadline", None)
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            """Before nested sagas named their parent in their first event."""
+            state.setdefault("parent_saga_id", None)
+            state.setdefault("parent_step", None)
 
         def evolve(self, saga: Saga) -> None:
             """Record what the saga is made of."""
@@ -96,6 +113,8 @@ class Saga(Aggregate):
             saga.groups = [list(group) for group in self.parallel]
             saga.fallback_compensable = list(self.fallback_compensable)
             saga.deadline = self.deadline
+            saga.parent_saga_id = self.parent_saga_id
+            saga.parent_step = self.parent_step
 
     Created = SagaStarted
 
@@ -452,6 +471,9 @@ class Saga(Aggregate):
         self.retrying: dict[str, float] = {}
         self.cancel_requested: dict[str, str] | None = None
         self.forked_from: dict[str, Any] | None = None
+        self.parent_saga_id: str | None = None
+        """The saga whose step `parent_step` started this one (a nested saga), else None."""
+        self.parent_step: str | None = None
         self.resumptions: dict[str, int] = {}
         """Attempts started over one whose outcome was lost, per step (`compensation:<step>`
         for compensations): what makes a poison step."""
@@ -473,8 +495,10 @@ class Saga(Aggregate):
         parallel: list[list[str]] | None = None,
         fallback_compensable: list[str] | None = None,
         deadline: datetime | None = None,
+        parent_saga_id: str | None = None,
+        parent_step: str | None = None,
     ) -> Saga:
-        """A new saga, `pending` until its first step starts."""
+        """A new saga, `pending` until its first step starts (`parent_*`: a nested saga's)."""
         to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})
         return cls._create(
             cls.SagaStarted,
@@ -490,6 +514,8 @@ class Saga(Aggregate):
             parallel=parallel or [],
             fallback_compensable=fallback_compensable or [],
             deadline=deadline,
+            parent_saga_id=parent_saga_id,
+            parent_step=parent_step,
         )
 
     def start_step(self, step: str, attempt: int, *, fallback: bool = False) -> None:

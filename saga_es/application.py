@@ -302,7 +302,17 @@ class SagaApplication(Application[UUID]):
 
     def run(self, definition: SagaDefinition, context: Any, *, key: str | None = None) -> Saga:
         """Run a saga to its end and return it; with a known `key`, return that saga."""
-        saga = self._start(definition, context, key)
+        return self._run_saga(definition, context, key)
+
+    def _run_saga(
+        self,
+        definition: SagaDefinition,
+        context: Any,
+        key: str | None,
+        parent: tuple[str, str] | None = None,
+    ) -> Saga:
+        """`run`; `parent` (saga id, step) is what a nested saga's `SagaStarted` names."""
+        saga = self._start(definition, context, key, parent=parent)
         clock = self.clock
         if saga.pending_events:
             if not self._save_start(saga):
@@ -387,7 +397,8 @@ class SagaApplication(Application[UUID]):
 
     def _run_child(self, definition: SagaDefinition, context: Any, key: str) -> dict[str, str]:
         """Start a parent step's child (once: it is keyed by the step) and drive it to its end."""
-        child = self.run(definition, context, key=key)
+        parent_id, step = key.split(":", 1)  # the parent step's key: `<parent id>:<step>`
+        child = self._run_saga(definition, context, key, parent=(parent_id, step))
         if child.status in IN_FLIGHT_STATES:  # started before, then left by a dead worker
             child = self._finish(child.id, definition)
         if child.status != COMPLETED:
@@ -480,7 +491,13 @@ class SagaApplication(Application[UUID]):
             yield [], await asyncio.to_thread(self._taken_over, saga)
 
     def _start(
-        self, definition: SagaDefinition, context: Any, key: str | None, *, begin: bool = True
+        self,
+        definition: SagaDefinition,
+        context: Any,
+        key: str | None,
+        *,
+        begin: bool = True,
+        parent: tuple[str, str] | None = None,
     ) -> Saga:
         """A new saga with its first step written ahead, or the one already under `key`."""
         self.register(definition)
@@ -514,6 +531,8 @@ class SagaApplication(Application[UUID]):
             deadline=None
             if definition.deadline is None
             else self.clock.now() + timedelta(seconds=definition.deadline),
+            parent_saga_id=None if parent is None else parent[0],
+            parent_step=None if parent is None else parent[1],
         )
         if begin:
             runner.begin(saga)
@@ -934,9 +953,37 @@ class SagaApplication(Application[UUID]):
     statuses = sagas
     """`sagas` under the name of the projection it reads."""
 
-    def stats(self) -> dict[tuple[str, str], int]:
-        """How many sagas there are per (definition name, status), from the projection."""
-        return self._status_recorder.count_statuses()
+    def stats(
+        self,
+        *,
+        status: str | Sequence[str] = (),
+        name: str | None = None,
+        key: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """How many sagas there are per (definition name, status), from the projection.
+
+        The filters are `sagas`'s: with any, the matching rows are counted page by page.
+        """
+        filters = {
+            "status": status,
+            "name": name,
+            "key": key,
+            "started_after": started_after,
+            "started_before": started_before,
+        }
+        if not any(filters.values()):
+            return self._status_recorder.count_statuses()
+        counts: dict[tuple[str, str], int] = {}
+        after: UUID | None = None
+        while True:
+            page = self.sagas(**filters, after=after, limit=1000)  # type: ignore[arg-type]
+            for row in page:
+                counts[row.name, row.status] = counts.get((row.name, row.status), 0) + 1
+            if len(page) < 1000:
+                return counts
+            after = page[-1].saga_id
 
     def rebuild_status(self) -> int:
         """Recompute the status row of every readable saga from its events; how many.

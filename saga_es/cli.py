@@ -13,13 +13,11 @@ import logging
 import signal
 import sys
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import click
 from rich.console import Console
@@ -115,7 +113,7 @@ def demo(db: str | None) -> None:
 
 
 def _filters(command: Callable[..., None]) -> Callable[..., None]:
-    """The filters `list` and `stats` share: `--status`, `--name`, `--since`, `--until`."""
+    """The filters `list` and `stats` share: `--status`, `--name`, `--key`, `--since`, `--until`."""
     for option in reversed(
         (
             click.option(
@@ -127,8 +125,9 @@ def _filters(command: Callable[..., None]) -> Callable[..., None]:
             ),
             click.option("--name", default=None, help="Only sagas of this definition name."),
             click.option(
-                "--since", type=click.DateTime(), help="Only sagas started at or after this."
+                "--key", default=None, help="Only the saga started under this business key."
             ),
+            click.option("--since", type=click.DateTime(), help="Only sagas started after this."),
             click.option("--until", type=click.DateTime(), help="Only sagas started before this."),
         )
     ):
@@ -139,7 +138,6 @@ def _filters(command: Callable[..., None]) -> Callable[..., None]:
 @cli.command("list")
 @_db_option
 @_filters
-@click.option("--key", default=None, help="Only the saga started under this business key.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--after", default=None, metavar="ID", help="The page after this saga id.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
@@ -156,15 +154,18 @@ def list_(
 ) -> None:
     """List sagas, oldest first, from the status projection (no replay); filter and page."""
     with _app(db) as app:
-        found = app.statuses(
-            status=statuses,
-            name=name,
-            key=key,
-            started_after=since,
-            started_before=until,
-            after=None if after is None else UUID(after),
-            limit=limit,
-        )
+        try:
+            found = app.statuses(
+                status=statuses,
+                name=name,
+                key=key,
+                started_after=since,
+                started_before=until,
+                after=after,
+                limit=limit,
+            )
+        except ValueError as e:  # a malformed --after
+            raise click.BadParameter(str(e), param_hint="--after") from None
     rows = [
         {
             "id": str(row.saga_id),
@@ -200,30 +201,16 @@ def stats(
     db: str | None,
     statuses: tuple[str, ...],
     name: str | None,
+    key: str | None,
     since: datetime | None,
     until: datetime | None,
     as_json: bool,
 ) -> None:
     """Count sagas per definition and status, from the status projection."""
     with _app(db) as app:
-        if not (statuses or name or since or until):
-            counts = app.stats()
-        else:
-            counts = Counter()
-            after = None
-            while True:
-                page = app.sagas(
-                    status=statuses,
-                    name=name,
-                    started_after=since,
-                    started_before=until,
-                    after=after,
-                    limit=1000,
-                )
-                counts.update((row.name, row.status) for row in page)
-                if len(page) < 1000:
-                    break
-                after = page[-1].saga_id
+        counts = app.stats(
+            status=statuses, name=name, key=key, started_after=since, started_before=until
+        )
     rows = [
         {"name": name_, "status": status, "count": count}
         for (name_, status), count in sorted(counts.items())

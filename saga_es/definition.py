@@ -151,6 +151,9 @@ class Step:
       retries), or at once while `breaker` is open; `fallback_compensation` undoes it.
     - `compensate_on_failure`: a failed action may leave a partial effect, so its own
       compensation runs too.
+    - `cancellable`: a cancel of the saga also cancels this step's async action while it
+      runs (else the step runs to its end first). The cut attempt's outcome is unknown,
+      so `recovery` decides, as for a timeout: it is undone unless that is `"fail"`.
     """
 
     name: str
@@ -168,6 +171,7 @@ class Step:
     fallback_on: Errors = field(default=Exception, kw_only=True, repr=False)
     breaker: CircuitBreaker | None = field(default=None, kw_only=True)
     compensate_on_failure: bool = field(default=False, kw_only=True)
+    cancellable: bool = field(default=False, kw_only=True)
     action_is_async: bool = field(init=False, repr=False)
     compensation_is_async: bool = field(init=False, repr=False)
 
@@ -202,6 +206,13 @@ class Step:
             raise DefinitionError(f"{owner}: compensate_on_failure must be True or False")
         if self.compensate_on_failure and self.compensation is None:
             raise DefinitionError(f"{owner}: compensate_on_failure=True needs a compensation")
+        if not isinstance(self.cancellable, bool):
+            raise DefinitionError(f"{owner}: cancellable must be True or False")
+        if self.cancellable and not _is_async(self.action):
+            raise DefinitionError(
+                f"{owner}: cancellable=True needs an async action (a running thread cannot "
+                "be stopped)"
+            )
         object.__setattr__(self, "retry", _retry(owner, "retry", self.retry))
         object.__setattr__(
             self, "compensation_retry", _retry(owner, "compensation_retry", self.compensation_retry)

@@ -96,6 +96,19 @@ def _step_notes(step: Step) -> str:
     return " · ".join(notes)
 
 
+def _child_notes(step: Step) -> list[str]:
+    """A nested step's child saga and its steps, deeper children in brackets: the tree."""
+    return [f"saga {child.name} v{child.version}: {_tree(child)}" for child in step.children]
+
+
+def _tree(definition: SagaDefinition) -> str:
+    names = []
+    for step in definition.steps:
+        inner = "; ".join(_child_notes(step))
+        names.append(f"{step.name} [{inner}]" if inner else step.name)
+    return " → ".join(names)
+
+
 def _undo_notes(step: Step) -> str:
     notes = _retry(step.compensation_retries)
     if step.compensation_recovery != RETRY:
@@ -178,7 +191,8 @@ class _Drawing:
     def nodes(self, index: int, indent: str) -> list[str]:
         step = self.definition.steps[index]
         notes = self.step_notes.get(index, [])
-        lines = [f"{indent}{_node_id(index)}[{_label(step.name, _step_notes(step), *notes)}]"]
+        label = _label(step.name, _step_notes(step), *_child_notes(step), *notes)
+        lines = [f"{indent}{_node_id(index)}[{label}]"]
         if step.compensation is not None:
             undo = _undo_id(index)
             name = f"undo: {_callable_name(step.compensation)}"

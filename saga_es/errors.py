@@ -151,7 +151,11 @@ class StepTimeout(SagaError, TimeoutError):
 
 
 class StepCancelled(SagaError):
-    """What a parallel member records when a sibling's failure cut it off."""
+    """What a step records when its running attempt was cut off, outcome unknown.
+
+    A parallel member cut by a sibling's failure, or a `cancellable` step's async action
+    cancelled because the saga was.
+    """
 
     def __init__(self, step: str, attempt: int, cause: str) -> None:
         super().__init__(f"step {step!r} attempt {attempt} was cancelled because {cause}")

@@ -59,6 +59,12 @@ COMPENSATION = "compensation"
 RECONCILE_ACTION = "reconcile"
 RECONCILE_COMPENSATION = "reconcile_compensation"
 
+CANCEL_POLL_INTERVAL = 0.2
+"""Seconds between looks at the store for a cancel while a `cancellable` action runs."""
+
+Watch = Callable[[], Awaitable[None]]
+"""Returns once a cancel of the saga is stored: what a `cancellable` action races."""
+
 
 class ReconcileError(SagaError):
     """Raised when a reconcile function fails: the outcome stays unknown, nothing is appended."""
@@ -363,7 +369,7 @@ def _fail_action(
     step, name, attempt = call.step, call.step.name, call.attempt
     fields = _error_fields(error)
     # A cut attempt may have taken effect (unless reconciled): only `retry` runs it again.
-    unknown = isinstance(error, StepTimeout) and outcome.took_effect is None
+    unknown = isinstance(error, (StepTimeout, StepCancelled)) and outcome.took_effect is None
     past_deadline = _past_deadline(saga, now) or (isinstance(error, StepTimeout) and error.deadline)
     retry = step.retries
     # Neither a member settled after its group turned back, nor a cancelled saga, goes on.
@@ -531,19 +537,32 @@ def _breaker_of(call: Call) -> Any:
     return call.step.breaker if call.kind == ACTION and not call.fallback else None
 
 
-def invoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
-    """Run the call on a fresh copy of the recorded context, blocking."""
+def invoke(
+    call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK, watch: Watch | None = None
+) -> Outcome:
+    """Run the call on a fresh copy of the recorded context, blocking.
+
+    With `watch`, a `cancellable` step's async action is cancelled once it returns.
+    """
     if tracing._tracer is None:
-        return _invoke(call, saga, clock)
+        return _invoke(call, saga, clock, watch)
     with tracing.attempt_span(saga, call.step.name, call.kind, call.attempt) as span:
-        outcome = _invoke(call, saga, clock)
+        outcome = _invoke(call, saga, clock, watch)
         tracing.record_outcome(span, outcome.error)
         return outcome
 
 
-def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
+def _watched(call: Call, watch: Watch | None) -> Watch | None:
+    """`watch`, if this call is one a cancel may cut: a cancellable step's async action."""
+    if watch is None or call.kind != ACTION or not call.step.cancellable or not call.is_async:
+        return None
+    return watch
+
+
+def _invoke(call: Call, saga: Saga, clock: Clock, watch: Watch | None = None) -> Outcome:
     step = call.step
-    if step.breaker is None and step.timeout is None and saga.deadline is None:
+    watch = _watched(call, watch)
+    if step.breaker is None and step.timeout is None and saga.deadline is None and not watch:
         base = saga.context_state  # no policy needs the clock: the common, fast path
         context = from_state(saga.context_type, base)
         try:
@@ -566,7 +585,9 @@ def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
             raise _Cut
         if call.is_async:
             coro = call.fn(context, call.key)
-            result = _run_coroutine(coro if limit is None else _cut_after(coro, limit))
+            if limit is not None:
+                coro = _cut_after(coro, limit)
+            result = _run_coroutine(coro if watch is None else _until_cancelled(coro, watch))
         elif limit is None:
             result = call.fn(context, call.key)
         else:
@@ -576,6 +597,8 @@ def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
         outcome = Outcome(
             error=StepTimeout(call.step.name, call.attempt, limit or 0, deadline=by_deadline)
         )
+    except _Cancelled:
+        outcome = Outcome(error=_cancel_error(call))
     except Exception as e:
         outcome = Outcome(error=e)
     except BaseException:
@@ -594,17 +617,20 @@ def _invoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
     return outcome
 
 
-async def ainvoke(call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK) -> Outcome:
+async def ainvoke(
+    call: Call, saga: Saga, clock: Clock = SYSTEM_CLOCK, watch: Watch | None = None
+) -> Outcome:
     """Run the call on a fresh copy of the recorded context; sync code goes to a thread."""
     if tracing._tracer is None:
-        return await _ainvoke(call, saga, clock)
+        return await _ainvoke(call, saga, clock, watch)
     with tracing.attempt_span(saga, call.step.name, call.kind, call.attempt) as span:
-        outcome = await _ainvoke(call, saga, clock)
+        outcome = await _ainvoke(call, saga, clock, watch)
         tracing.record_outcome(span, outcome.error)
         return outcome
 
 
-async def _ainvoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
+async def _ainvoke(call: Call, saga: Saga, clock: Clock, watch: Watch | None = None) -> Outcome:
+    watch = _watched(call, watch)
     breaker = _breaker_of(call)
     admitted = CLOSED if breaker is None else breaker.admit(clock.monotonic())
     if admitted is None:
@@ -619,12 +645,16 @@ async def _ainvoke(call: Call, saga: Saga, clock: Clock) -> Outcome:
             pending = call.fn(context, call.key)
         else:
             pending = _in_daemon_thread(call.fn, context, call.key)
-        result = await (pending if limit is None else _cut_after(pending, limit))
+        if limit is not None:
+            pending = _cut_after(pending, limit)
+        result = await (pending if watch is None else _until_cancelled(pending, watch))
         outcome = Outcome(state=to_state(context), base=base, result=result)
     except _Cut:
         outcome = Outcome(
             error=StepTimeout(call.step.name, call.attempt, limit or 0, deadline=by_deadline)
         )
+    except _Cancelled:
+        outcome = Outcome(error=_cancel_error(call))
     except Exception as e:
         outcome = Outcome(error=e)
     except BaseException:  # cancelled, e.g. because a sibling in its group failed
@@ -653,9 +683,61 @@ def _record_breaker(breaker: Any, outcome: Outcome, clock: Clock) -> Outcome:
 def _must_reconcile(call: Call, outcome: Outcome) -> bool:
     return (
         call.kind == ACTION
-        and isinstance(outcome.error, StepTimeout)
+        and isinstance(outcome.error, (StepTimeout, StepCancelled))
         and call.step.recovery == RECONCILE
     )
+
+
+class _Cancelled(Exception):
+    """The saga was cancelled while its cancellable action ran: the action was cancelled."""
+
+
+def _cancel_error(call: Call) -> StepCancelled:
+    return StepCancelled(call.step.name, call.attempt, "the saga was cancelled")
+
+
+async def _until_cancelled(pending: Awaitable[Any], watch: Watch) -> Any:
+    """Await `pending`; if `watch` returns first (a cancel is stored), cancel it instead."""
+    action = asyncio.ensure_future(pending)
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait((action, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this call itself was cancelled (a sibling failed, say)
+        action.cancel()
+        watcher.cancel()
+        raise
+    if not action.done():  # the cancel came first
+        action.cancel()
+        await asyncio.gather(action, return_exceptions=True)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    if action.cancelled():
+        raise _Cancelled
+    return action.result()  # it ended before the cancel could cut it: its outcome stands
+
+
+def watch_for_cancel(
+    saga_id: Any, reload: Callable[[Any], Saga] | None, interval: float = CANCEL_POLL_INTERVAL
+) -> Watch | None:
+    """A `Watch` that looks at the stored saga every `interval` seconds (None without `reload`).
+
+    The cancel may come from another process: only the store can tell.
+    """
+    if reload is None:
+        return None
+    load = reload
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                stored = await asyncio.to_thread(load, saga_id)
+            except Exception:  # the store is away: the action runs on; look again later
+                continue
+            if stored.cancel_requested is not None:
+                return
+
+    return watch
 
 
 async def _cut_after(pending: Awaitable[Any], seconds: float) -> Any:
@@ -795,6 +877,7 @@ def _run(
         settle(saga, definition, call, invoke(call, saga, clock), check, clock.now())
     if first:
         save(saga)
+    watch = watch_for_cancel(saga.id, reload)
     while True:
         calls = next_calls(saga, definition)
         if _is_group(saga, calls):
@@ -811,7 +894,7 @@ def _run(
                 continue
             return saga
         call = calls[0]
-        outcome = invoke(call, saga, clock)
+        outcome = invoke(call, saga, clock, watch)
         now = None if saga.deadline is None else clock.now()  # after the call: it took time
         delay = settle(saga, definition, call, outcome, check, now)
         try:
@@ -841,6 +924,7 @@ async def arun(
         settle(saga, definition, call, await ainvoke(call, saga, clock), check, clock.now())
     if first:
         yield await save(saga)
+    watch = watch_for_cancel(saga.id, reload)
     while True:
         calls = next_calls(saga, definition)
         if _is_group(saga, calls):
@@ -854,7 +938,7 @@ async def arun(
                 continue
             return
         call = calls[0]
-        outcome = await ainvoke(call, saga, clock)
+        outcome = await ainvoke(call, saga, clock, watch)
         now = clock.now()
         delay = settle(saga, definition, call, outcome, check, now)
         try:

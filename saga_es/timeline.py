@@ -44,6 +44,9 @@ def timeline(events: Sequence[Saga.Event]) -> list[TimelineRow]:
         if isinstance(event, Saga.SagaStarted):
             state = dict(event.context)
             detail = ", ".join(f"{k}={_short(v)}" for k, v in state.items())
+            if event.parent_saga_id is not None:  # a nested saga: the tree goes up from here
+                parent = f"child of saga {event.parent_saga_id} ({event.parent_step!r})"
+                detail = "; ".join(filter(None, [parent, detail]))
         elif "error_type" in data:
             detail = f"{data['error_type']}: {data['error_message']}{_policy(data)}"
         elif "changes" in data:

@@ -26,6 +26,7 @@ from saga_es import (
     SagaApplication,
     SagaDefinition,
     SagaNotFound,
+    SagaStarted,
     SagaStatus,
     SagaUpdate,
     Step,
@@ -490,8 +491,16 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     snapshot = Saga.Snapshot.take(saga)
     state = dict(snapshot.state)
-    assert state.pop("class_version") == 2
-    for name in ("groups", "fallback_compensable", "deadline", "on_fallback", "retrying"):
+    assert state.pop("class_version") == 3
+    for name in (
+        "groups",
+        "fallback_compensable",
+        "deadline",
+        "on_fallback",
+        "retrying",
+        "parent_saga_id",
+        "parent_step",
+    ):
         del state[name]
     old = Saga.Snapshot(
         originator_id=snapshot.originator_id,
@@ -502,6 +511,7 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     restored = old.mutate(None)
     assert (restored.groups, restored.on_fallback, restored.retrying) == ([], [], {})
+    assert (restored.parent_saga_id, restored.parent_step) == (None, None)
     restored.start_step("a", 1)
     assert restored.in_flight == {"a": 1}
 
@@ -532,6 +542,23 @@ def test_every_event_is_logged_with_its_saga_step_and_attempt(
     assert [r.levelname for r in records][4::3] == ["WARNING", "INFO"]
     assert all(r.saga_name == "logged" for r in records)
     assert not any("4111" in r.getMessage() for r in caplog.records), "contexts are not logged"
+
+
+def test_stats_take_the_same_filters_as_sagas(app: SagaApplication) -> None:
+    ok = SagaDefinition("ok", [Step("a", lambda c, k: None)])
+    bad = SagaDefinition("bad", [Step("a", lambda c, k: (_ for _ in ()).throw(RuntimeError()))])
+    app.run(ok, {}, key="k1")
+    app.run(ok, {})
+    app.run(bad, {})
+    middle = app.sagas()[1].started_at
+    assert app.stats() == {("ok", "completed"): 2, ("bad", "compensated"): 1}
+    assert app.stats(status="compensated") == {("bad", "compensated"): 1}
+    assert app.stats(name="ok", key="k1") == {("ok", "completed"): 1}
+    assert app.stats(started_after=middle) == {("bad", "compensated"): 1}
+    assert app.stats(started_before=middle) == {("ok", "completed"): 1}
+    assert app.stats(name="none") == {}
+    with pytest.raises(ValueError, match="unknown saga status 'lost'"):
+        app.stats(status="lost")
 
 
 def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
@@ -655,6 +682,78 @@ def test_a_cancelled_saga_whose_worker_died_is_finished_by_recovery(
         "SagaCancelled",
     ]
     assert app.verify() == []
+
+
+@pytest.mark.parametrize("driver", ["run", "arun"])
+def test_a_cancel_cuts_a_running_async_action_only_if_its_step_opts_in(
+    app: SagaApplication, driver: str
+) -> None:
+    log: list[str] = []
+    inside = threading.Event()
+
+    async def slow(context: Any, key: str) -> None:
+        log.append("do wait")
+        inside.set()
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            log.append("cut wait")
+            raise
+        context["waited"] = True
+
+    def step(name: str) -> Step:
+        return Step(
+            name,
+            lambda context, key: log.append(f"do {name}"),
+            lambda context, key: log.append(f"undo {name}"),
+        )
+
+    def cancelled_after(cancellable: bool) -> tuple[str, float]:
+        log.clear()
+        inside.clear()
+        name = f"slow-{cancellable}-{driver}"
+        definition = SagaDefinition(
+            name,
+            [
+                step("reserve"),
+                Step("wait", slow, lambda c, k: log.append("undo wait"), cancellable=cancellable),
+                step("ship"),
+            ],
+        )
+        saga_id = app.saga_id(name, "k")
+        runs: list[Saga] = []
+        if driver == "run":
+            worker = threading.Thread(target=lambda: runs.append(app.run(definition, {}, key="k")))
+        else:
+            worker = threading.Thread(
+                target=lambda: runs.append(asyncio.run(app.arun(definition, {}, key="k")))
+            )
+        worker.start()
+        assert inside.wait(5)
+        asked = time.monotonic()
+        assert app.cancel(saga_id, by="ada", reason="changed her mind").status == "running"
+        worker.join(10)
+        assert runs
+        assert runs[0].status == "cancelled"
+        events = [r.event for r in app.history(saga_id)]
+        return events[events.index("CancelRequested") + 1], time.monotonic() - asked
+
+    # Not opted in: the action runs to its end, its completion is recorded, then undone.
+    after, waited = cancelled_after(False)
+    assert after == "StepCompleted"
+    assert waited >= 0.5
+    assert log == ["do reserve", "do wait", "undo wait", "undo reserve"]
+    # Opted in: the action is cancelled at once; its outcome unknown, it is undone too.
+    after, waited = cancelled_after(True)
+    assert after == "StepFailed"
+    assert waited < 0.9
+    assert log == ["do reserve", "do wait", "cut wait", "undo wait", "undo reserve"]
+    assert app.verify() == []
+
+
+def test_a_cancellable_step_needs_an_async_action() -> None:
+    with pytest.raises(DefinitionError, match="cancellable=True needs an async action"):
+        Step("wait", lambda context, key: None, cancellable=True)
 
 
 def test_cancel_of_a_terminal_stuck_or_unknown_saga_is_refused_and_appends_nothing(
@@ -844,6 +943,33 @@ def test_a_nested_saga_completes_its_parents_step_and_is_linked_both_ways(
     # The child starts from the parent's context at that step (`Step.saga(context=...)` to choose).
     assert child_saga.context_state == {"order": 1, "reserve": True, "auth": True, "capture": True}
     assert app.verify() == []
+
+
+def test_a_nested_sagas_first_event_names_its_parent_and_step_and_timelines_show_the_tree(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    from saga_es.diagram import definition_diagram
+    from saga_es.timeline import timeline
+
+    log: list[str] = []
+    parent, _ = _nested(log)
+    saga = app.run(parent, {"order": 1})
+    child_id = UUID(saga.results["pay"]["saga_id"])
+    started = reader.saga_events(child_id)[0]
+    assert isinstance(started, SagaStarted)
+    assert (started.parent_saga_id, started.parent_step) == (str(saga.id), "pay")
+    child = reader.get(child_id)
+    assert (child.parent_saga_id, child.parent_step) == (str(saga.id), "pay")
+    # A saga that is nobody's child names no parent.
+    assert (saga.parent_saga_id, saga.parent_step) == (None, None)
+    assert reader.saga_events(saga.id)[0].parent_saga_id is None
+    # The history shows the link, and the timelines go down from the parent and up from the child.
+    assert reader.history(child_id)[0].details["parent_saga_id"] == str(saga.id)
+    down = [r.detail for r in timeline(reader.saga_events(saga.id)) if r.step == "pay"]
+    assert any(f"child saga {child_id}" in detail for detail in down)
+    up = timeline(reader.saga_events(child_id))[0].detail
+    assert up.startswith(f"child of saga {saga.id} ('pay')")
+    assert "saga payment v1: auth → capture" in definition_diagram(parent)
 
 
 def test_compensating_a_nested_step_compensates_the_childs_steps_in_reverse(

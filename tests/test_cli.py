@@ -417,6 +417,29 @@ def test_stats_counts_per_definition_and_status(tmp_path: Path) -> None:
     assert "2 saga(s)" in table.output
     bad = runner.invoke(cli, ["stats", "--db", str(db), "--status", "lost"])
     assert bad.exit_code == 2
+    # The same filters as `list`, --key included.
+    listed = runner.invoke(cli, ["list", "--db", str(db), "--json"])
+    first = json.loads(listed.output.splitlines()[0])
+    for command in ("stats", "list"):
+        keyed = runner.invoke(cli, [command, "--db", str(db), "--json", "--key", "nobody"])
+        assert keyed.exit_code == 0, keyed.output
+        assert keyed.output.strip() in ("[]", "")
+    if first["key"] is not None:
+        keyed = runner.invoke(cli, ["stats", "--db", str(db), "--json", "--key", first["key"]])
+        assert json.loads(keyed.output) == [
+            {"name": first["name"], "status": first["status"], "count": 1}
+        ]
+
+
+def test_list_refuses_a_malformed_cursor_with_a_message(tmp_path: Path) -> None:
+    db = tmp_path / "trips.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", "--db", str(db)]).exit_code == 0
+    bad = runner.invoke(cli, ["list", "--db", str(db), "--after", "not-an-id"])
+    assert bad.exit_code == 2
+    assert "--after" in bad.output
+    assert "not-an-id" in bad.output
+    assert bad.exception is None or isinstance(bad.exception, SystemExit)
 
 
 SHOP_APP = """

@@ -46,6 +46,21 @@ def effect(what):
 ORDER = SagaDefinition(
     "order", [Step(name, effect("do"), effect("undo")) for name in ("reserve", "pay", "ship")]
 )
+
+
+async def hang(context, key):
+    await effect("do")(context, key)
+    await asyncio.sleep(60)
+
+
+SLOW = SagaDefinition(
+    "slow",
+    [
+        Step("reserve", effect("do"), effect("undo")),
+        Step("wait", hang, effect("undo"), cancellable=True),
+        Step("ship", effect("do")),
+    ],
+)
 """
 
 
@@ -242,4 +257,38 @@ def test_a_cancel_from_another_process_is_obeyed_by_the_worker_holding_the_saga(
         "CompensationRan",
         "SagaCancelled",
     ]
+    assert app.verify() == []
+
+
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+def test_a_cancel_from_another_process_cuts_a_cancellable_async_action_in_the_worker(
+    store: str, env: Env, app: SagaApplication, sagas_module: Any
+) -> None:
+    saga_id = app.submit(sagas_module.SLOW, {"n": 1})
+    worker = start_worker(env, sagas_module, "--poll", "0.05")
+    try:
+        wait_until(lambda: len(effects(sagas_module)) >= 2)  # inside "wait", for 60 s
+        asked = time.monotonic()
+        assert app.cancel(saga_id, by="ada", reason="too slow").status == "running"
+        wait_until(lambda: app.get(saga_id).status == "cancelled", timeout=20)
+        assert time.monotonic() - asked < 20, "the action was cut, not waited for"
+    finally:
+        stop(worker)
+    calls = [(what, key.split(":")[1]) for _, what, key in effects(sagas_module)]
+    # The cut attempt may have taken effect: it is undone too; ship never ran.
+    assert calls == [("do", "reserve"), ("do", "wait"), ("undo", "wait"), ("undo", "reserve")]
+    history = app.history(saga_id)
+    events = [r.event for r in history]
+    assert events[events.index("CancelRequested") :] == [
+        "CancelRequested",
+        "StepFailed",
+        "CompensationStarted",
+        "CompensationRan",
+        "CompensationStarted",
+        "CompensationRan",
+        "SagaCancelled",
+    ]
+    failed = next(r for r in history if r.event == "StepFailed")
+    assert failed.error is not None
+    assert failed.error.type == "StepCancelled"
     assert app.verify() == []
