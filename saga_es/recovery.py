@@ -197,14 +197,18 @@ async def work(
         rows = await asyncio.to_thread(
             app.statuses, status=IN_FLIGHT_STATES, limit=max(PAGE, 4 * concurrency)
         )
-        candidates = [row for row in rows if row.saga_id not in running]
-        random.shuffle(candidates)  # workers sharing a store start on different sagas
         now = datetime.now(UTC)
+        candidates = [row for row in rows if row.saga_id not in running and _due(app, row, now)]
+        random.shuffle(candidates)  # workers sharing a store start on different sagas
         resumed = len(report.resumed)
+        lost = len(report.taken_over)
         for row in candidates:
             if stop.is_set():
                 break
             await slots.acquire()
+            if len(report.taken_over) - lost >= concurrency:
+                slots.release()  # others took what this listing offered: list afresh
+                break
             task = asyncio.create_task(recover_one_async(app, row, now, report))
             running[row.saga_id] = task
             owners[task] = row.saga_id
@@ -259,6 +263,21 @@ def rebuild(app: SagaApplication, saga_id: UUID) -> Saga:
     if saga is None:
         raise SagaNotFound(saga_id)
     return saga
+
+
+def _due(app: SagaApplication, row: SagaStatus, now: datetime) -> bool:
+    """Whether a worker may take the row now, judged without a query or a thread.
+
+    A saga whose step is within its timeout is someone's: a worker that walked to it
+    would only leave it. A row whose definition is missing goes on, to be reported.
+    """
+    if row.status == machine.PENDING:
+        return True
+    try:
+        definition = app.definition(row.name, row.definition_version)
+    except SagaError:
+        return True
+    return now - row.updated_at >= _timeout(app, definition, row)
 
 
 def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) -> timedelta:
