@@ -69,10 +69,38 @@ from saga_es.settings import (
     step_timeout,
 )
 from saga_es.settings import max_resumptions as max_resumptions_setting
-from saga_es.status import IN_FLIGHT_STATES, SagaStatus, StatusQuery, StatusRecorder
+from saga_es.status import (
+    IN_FLIGHT_STATES,
+    SagaStatus,
+    StatusQuery,
+    StatusRecorder,
+    saga_log_fields,
+)
 
 log = logging.getLogger("saga_es")
 log.addHandler(logging.NullHandler())  # a library logs; the application decides where to
+
+SAGA_LOG_FIELDS = ("saga_id", "saga_name", "step", "attempt")
+"""The `extra` fields of every record on the `saga_es` logger (None where it is about none)."""
+
+
+class SagaLogFields(logging.Filter):
+    """Gives every record on the `saga_es` logger each of `SAGA_LOG_FIELDS`.
+
+    A record about no saga, step or attempt (a worker starting, a redelivered domain
+    event skipped) gets None, so a formatter or handler may name the fields on any record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Fill in the fields the record lacks; never drop it."""
+        fields = vars(record)
+        for name in SAGA_LOG_FIELDS:
+            fields.setdefault(name, None)
+        return True
+
+
+if not any(isinstance(f, SagaLogFields) for f in log.filters):  # once, even if reloaded
+    log.addFilter(SagaLogFields())
 
 _RECORDER_TOPIC = InfrastructureFactory.APPLICATION_RECORDER_TOPIC
 _STORE_RECORDERS = (
@@ -426,7 +454,7 @@ class SagaApplication(Application[UUID]):
             "and its late events were rejected",
             saga.id,
             saga.version,
-            extra={"saga_id": str(saga.id)},
+            extra=saga_log_fields(saga),
         )
         return self.get(saga.id)
 
@@ -944,7 +972,9 @@ class SagaApplication(Application[UUID]):
             try:
                 saga = self.get(saga_id)
             except SagaError as e:
-                log.error("status of saga %s not rebuilt: %s", saga_id, e)
+                log.error(
+                    "status of saga %s not rebuilt: %s", saga_id, e, extra={"saga_id": str(saga_id)}
+                )
                 continue
             recorder.write_statuses([SagaStatus.of(saga)])
             count += 1
