@@ -40,7 +40,7 @@ from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.commits import GroupCommit
 from saga_es.compat import CheckReport
-from saga_es.context import State, to_state, topic_of
+from saga_es.context import SagaTranscoder, State, to_state, topic_of
 from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
@@ -224,6 +224,19 @@ class SagaApplication(Application[UUID]):
         )
         self.definitions: dict[tuple[str, int], SagaDefinition] = {}
         self.register(*definitions)
+
+    def construct_transcoder(self) -> Transcoder:
+        """eventsourcing's, unless it is the plain `JSONTranscoder`: then a `SagaTranscoder`.
+
+        So a transcoding registered for a `str` or `int` enum, or a tuple, is applied.
+        `TRANSCODER_TOPIC` naming another transcoder is used as it is.
+        """
+        transcoder = self.factory.transcoder()
+        if type(transcoder) is JSONTranscoder:
+            transcoder = SagaTranscoder()
+        if isinstance(transcoder, JSONTranscoder):
+            self.register_transcodings(transcoder)
+        return transcoder
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """Eventsourcing's settings, in a dict whose repr hides passwords and keys."""
@@ -670,7 +683,7 @@ class SagaApplication(Application[UUID]):
 
     def _check_encodable(self, state: State, result: Any) -> None:
         transcoder = self.mapper.transcoder
-        if type(transcoder) is JSONTranscoder and _plain_json(state) and _plain_json(result):
+        if isinstance(transcoder, JSONTranscoder) and _plain_json(state) and _plain_json(result):
             return  # JSON takes these as they are: no need to encode them twice
         try:
             transcoder.encode(state)
