@@ -40,7 +40,7 @@ from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.commits import GroupCommit
 from saga_es.compat import CheckReport
-from saga_es.context import State, to_state, topic_of
+from saga_es.context import SagaTranscoder, State, to_state, topic_of
 from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
@@ -70,10 +70,38 @@ from saga_es.settings import (
     step_timeout,
 )
 from saga_es.settings import max_resumptions as max_resumptions_setting
-from saga_es.status import IN_FLIGHT_STATES, SagaStatus, StatusQuery, StatusRecorder
+from saga_es.status import (
+    IN_FLIGHT_STATES,
+    SagaStatus,
+    StatusQuery,
+    StatusRecorder,
+    saga_log_fields,
+)
 
 log = logging.getLogger("saga_es")
 log.addHandler(logging.NullHandler())  # a library logs; the application decides where to
+
+SAGA_LOG_FIELDS = ("saga_id", "saga_name", "step", "attempt")
+"""The `extra` fields of every record on the `saga_es` logger (None where it is about none)."""
+
+
+class SagaLogFields(logging.Filter):
+    """Gives every record on the `saga_es` logger each of `SAGA_LOG_FIELDS`.
+
+    A record about no saga, step or attempt (a worker starting, a redelivered domain
+    event skipped) gets None, so a formatter or handler may name the fields on any record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Fill in the fields the record lacks; never drop it."""
+        fields = vars(record)
+        for name in SAGA_LOG_FIELDS:
+            fields.setdefault(name, None)
+        return True
+
+
+if not any(isinstance(f, SagaLogFields) for f in log.filters):  # once, even if reloaded
+    log.addFilter(SagaLogFields())
 
 _RECORDER_TOPIC = InfrastructureFactory.APPLICATION_RECORDER_TOPIC
 _STORE_RECORDERS = (
@@ -197,6 +225,19 @@ class SagaApplication(Application[UUID]):
         )
         self.definitions: dict[tuple[str, int], SagaDefinition] = {}
         self.register(*definitions)
+
+    def construct_transcoder(self) -> Transcoder:
+        """eventsourcing's, unless it is the plain `JSONTranscoder`: then a `SagaTranscoder`.
+
+        So a transcoding registered for a `str` or `int` enum, or a tuple, is applied.
+        `TRANSCODER_TOPIC` naming another transcoder is used as it is.
+        """
+        transcoder = self.factory.transcoder()
+        if type(transcoder) is JSONTranscoder:
+            transcoder = SagaTranscoder()
+        if isinstance(transcoder, JSONTranscoder):
+            self.register_transcodings(transcoder)
+        return transcoder
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """Eventsourcing's settings, in a dict whose repr hides passwords and keys."""
@@ -438,7 +479,7 @@ class SagaApplication(Application[UUID]):
             "and its late events were rejected",
             saga.id,
             saga.version,
-            extra={"saga_id": str(saga.id)},
+            extra=saga_log_fields(saga),
         )
         return self.get(saga.id)
 
@@ -662,7 +703,7 @@ class SagaApplication(Application[UUID]):
 
     def _check_encodable(self, state: State, result: Any) -> None:
         transcoder = self.mapper.transcoder
-        if type(transcoder) is JSONTranscoder and _plain_json(state) and _plain_json(result):
+        if isinstance(transcoder, JSONTranscoder) and _plain_json(state) and _plain_json(result):
             return  # JSON takes these as they are: no need to encode them twice
         try:
             transcoder.encode(state)
@@ -996,7 +1037,9 @@ class SagaApplication(Application[UUID]):
             try:
                 saga = self.get(saga_id)
             except SagaError as e:
-                log.error("status of saga %s not rebuilt: %s", saga_id, e)
+                log.error(
+                    "status of saga %s not rebuilt: %s", saga_id, e, extra={"saga_id": str(saga_id)}
+                )
                 continue
             recorder.write_statuses([SagaStatus.of(saga)])
             count += 1

@@ -12,11 +12,55 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from eventsourcing.persistence import JSONTranscoder, Transcoding
 from eventsourcing.utils import TopicError, get_topic, resolve_topic
 
 from saga_es.errors import ContextError
 
 DICT_TOPIC = "builtins:dict"
+
+_JSON_NATIVE = (str, int, float, list, tuple, dict)
+"""What `json` encodes by itself, subclasses too, without asking the transcoder."""
+
+
+class SagaTranscoder(JSONTranscoder):
+    """eventsourcing's `JSONTranscoder`, that also applies transcodings of JSON's own types.
+
+    `json` encodes a `str` or `int` enum (`StrEnum`, `IntEnum`, `class C(str, Enum)`) or a
+    tuple by itself, so a transcoding registered for such a type is never asked, and the
+    value would come back as a plain `str`, `int` or list. This transcoder applies the
+    registered transcoding first. Until one is registered for such a type, it encodes
+    exactly as `JSONTranscoder` does, at the same cost.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._natives: set[type] = set()
+
+    def register(self, transcoding: Transcoding) -> None:
+        """Register `transcoding`; remember its type if `json` would take it natively."""
+        super().register(transcoding)
+        if issubclass(transcoding.type, _JSON_NATIVE):
+            self._natives.add(transcoding.type)
+
+    def encode(self, obj: Any) -> bytes:
+        """Encode `obj`, applying the transcodings that `json` alone would skip."""
+        if self._natives:
+            obj = self._transcode_natives(obj)
+        return super().encode(obj)
+
+    def _transcode_natives(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in self._natives:
+            transcoding = self.types[kind]
+            data = self._transcode_natives(transcoding.encode(obj))
+            return {"_type_": transcoding.name, "_data_": data}
+        if kind is dict:
+            return {k: self._transcode_natives(v) for k, v in obj.items()}
+        if kind is list or kind is tuple:
+            return [self._transcode_natives(v) for v in obj]
+        return obj
+
 
 State = dict[str, Any]
 

@@ -238,7 +238,9 @@ def _diagram(
     except DefinitionError:  # registered under that name and version, with other steps
         return None
     except Exception:  # a drawing must not cost the user the export
-        log.warning("no path diagram for saga %s", saga_id, exc_info=True)
+        log.warning(
+            "no path diagram for saga %s", saga_id, exc_info=True, extra={"saga_id": str(saga_id)}
+        )
         return None
 
 

@@ -40,7 +40,8 @@ from eventsourcing.sqlite import SQLiteAggregateRecorder, SQLiteFactory
 from eventsourcing.system import ProcessApplication
 from eventsourcing.utils import EnvType, get_topic
 
-from saga_es.application import SAGA_KEY_NAMESPACE, SagaApplication
+from saga_es.aggregate import Saga
+from saga_es.application import SAGA_KEY_NAMESPACE, SagaApplication, _log_events
 from saga_es.definition import SagaDefinition
 from saga_es.errors import ConfigurationError, ContextError, SagaError
 from saga_es.popo import POPOSagaProcessRecorder
@@ -190,7 +191,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
                     saga.name,
                     saga.id,
                     saga.key,
-                    extra={"saga_id": str(saga.id)},
+                    extra={"saga_id": str(saga.id), "saga_name": saga.name},
                 )
 
     def process_event(self, domain_event: DomainEventProtocol[UUID], tracking: Tracking) -> None:
@@ -213,8 +214,20 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
                 return
 
     def _record(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
-        """Save, then log each `StartFailure` saved (once durable: a redelivery logs nothing)."""
+        """Save, then log each saga started and each `StartFailure` saved.
+
+        Once durable, as every saga event is logged: a redelivery that is refused logs nothing.
+        """
         recordings = super()._record(processing_event)
+        if processing_event.tracking is not None:  # a domain event's; `work()` logs its own
+            events = cast(list[Saga.Event], processing_event.events)
+            _log_events(
+                [
+                    (saga, [e for e in events if e.originator_id == saga.id])
+                    for saga in processing_event.aggregates.values()
+                    if isinstance(saga, Saga)
+                ]
+            )
         for recorded in processing_event.events:
             if isinstance(recorded, StartFailure.Recorded):
                 log.error(
@@ -227,6 +240,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
                     recorded.position,
                     recorded.error_type,
                     recorded.error_message,
+                    extra={"saga_name": recorded.definition},
                 )
         return recordings
 

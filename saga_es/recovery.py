@@ -25,7 +25,7 @@ from saga_es import machine, runner, tracing
 from saga_es.aggregate import Saga, StreamProblem, replay_checked, verify_events
 from saga_es.definition import SagaDefinition
 from saga_es.errors import SagaError, SagaNotFound
-from saga_es.status import IN_FLIGHT_STATES, SagaStatus
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus, saga_log_fields
 
 if TYPE_CHECKING:
     from saga_es.application import SagaApplication
@@ -165,7 +165,7 @@ def _lost(report: RecoveryReport, saga: Saga) -> None:
         "saga %s: another worker appended first (version %s); leaving it to that worker",
         saga.id,
         saga.version,
-        extra={"saga_id": str(saga.id)},
+        extra=saga_log_fields(saga),
     )
     report.taken_over.append(saga.id)
 

@@ -55,6 +55,17 @@ class SagaStatus:
         )
 
 
+def saga_log_fields(saga: Saga) -> dict[str, Any]:
+    """The `extra` fields of a log record about `saga` as it stands, at its latest step.
+
+    The attempt is that step's latest, of its compensation while the saga compensates.
+    """
+    step = saga.step
+    attempts = saga.compensation_attempts if saga.status == machine.COMPENSATING else saga.attempts
+    attempt = attempts.get(step) if step is not None else None
+    return {"saga_id": str(saga.id), "saga_name": saga.name, "step": step, "attempt": attempt}
+
+
 @dataclass(frozen=True)
 class StatusQuery:
     """Which status rows to read: those matching every filter given, oldest first.

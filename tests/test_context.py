@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from enum import Enum, IntEnum, StrEnum
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import pytest
+from eventsourcing.persistence import JSONTranscoder, Transcoding
 from pydantic import BaseModel, ConfigDict
 
 from saga_es import (
@@ -318,3 +320,113 @@ def test_each_call_gets_its_own_copy_of_the_context(app: SagaApplication) -> Non
     assert seen[0]["items"] is not seen[1]["items"]
     assert start["items"] == []
     assert saga.context["items"] == [1, 2]
+
+
+# -- the user's own types, with transcodings registered -----------------------------------------
+
+
+class Speed(Enum):
+    STANDARD = "standard"
+    EXPRESS = "express"
+
+
+class Currency(StrEnum):
+    EUR = "EUR"
+    GBP = "GBP"
+
+
+class Priority(IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+@dataclass
+class Parcel:
+    weight: Decimal
+    size: tuple[int, int]
+
+
+@dataclass
+class Shipment:
+    parcel: Parcel
+    due: date
+    price: Decimal
+    currency: Currency
+    speed: Speed
+    priority: Priority
+    booked: bool = False
+
+
+def _transcoding(kind: type, name: str, encode: Any, decode: Any) -> Transcoding:
+    cls = type(
+        f"{name}Transcoding",
+        (Transcoding,),
+        {
+            "type": kind,
+            "name": name,
+            "encode": lambda self, obj: encode(obj),
+            "decode": lambda self, data: decode(data),
+        },
+    )
+    return cast(Transcoding, cls())
+
+
+class ShippingSagas(SagaApplication):
+    name = SagaApplication.name
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(
+            _transcoding(Parcel, "parcel", vars, lambda d: Parcel(d["weight"], tuple(d["size"])))
+        )
+        transcoder.register(_transcoding(date, "date", date.isoformat, date.fromisoformat))
+        for enum in (Speed, Currency, Priority):
+            transcoder.register(_transcoding(enum, enum.__name__, lambda e: e.value, enum))
+
+
+def book(shipment: Shipment, key: str) -> None:
+    shipment.booked = True
+    shipment.currency = Currency.GBP
+    shipment.priority = Priority.HIGH
+
+
+def test_registered_transcodings_bring_each_type_back_str_and_int_enums_too(
+    env: Env, store: str
+) -> None:
+    first = ShippingSagas(env=env)
+    shipment = Shipment(
+        Parcel(Decimal("1.5"), (30, 20)),
+        date(2025, 6, 5),
+        Decimal("4.90"),
+        Currency.EUR,
+        Speed.EXPRESS,
+        Priority.LOW,
+    )
+    saga = first.run(SagaDefinition("ship", [Step("book", book)]), shipment)
+    later = first if store == "popo" else ShippingSagas(env=env)
+    try:
+        stored = later.get(saga.id)
+        assert stored.context == Shipment(
+            Parcel(Decimal("1.5"), (30, 20)),
+            date(2025, 6, 5),
+            Decimal("4.90"),
+            Currency.GBP,
+            Speed.EXPRESS,
+            Priority.HIGH,
+            booked=True,
+        )
+        assert type(stored.context.currency) is Currency
+        assert type(stored.context.priority) is Priority
+        assert type(stored.context.parcel.size) is tuple
+        assert type(later.get(saga.id, version=1).context.priority) is Priority, "as started"
+
+        # A plain SagaApplication knows none of them: refused at start, nothing stored.
+        plain = SagaApplication(env=env)
+        with pytest.raises(ContextError, match="'parcel' holds a Parcel") as raised:
+            plain.submit(SagaDefinition("ship", [Step("book", book)]), shipment, key="other")
+        assert raised.value.field == "parcel"
+        assert plain.sagas(key="other") == []
+        plain.close()
+    finally:
+        for app in {first, later}:
+            app.close()

@@ -257,6 +257,38 @@ def test_a_redelivered_domain_event_starts_nothing_twice(
     assert payments.start_failures() == []
 
 
+@pytest.mark.parametrize("runner_class", RUNNERS, ids=lambda c: c.__name__)
+def test_every_record_carries_the_saga_step_and_attempt_from_the_start(
+    systems: Callable[..., Runner[Any]],
+    runner_class: type[Runner[Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="saga_es")
+    runner = systems(runner_class)
+    ada = runner.get(Orders).place("ada", 30, card="declined")
+    runner.get(Orders).place("bob", 0)  # no saga: its context cannot be built
+    _, payments = processed(runner)
+    payments.work(until_idle=True)
+    payments.pull_and_process("Orders", start=0)  # redelivered: logged, starts nothing
+
+    records = [r for r in caplog.records if r.name == "saga_es"]
+    fields = ("saga_id", "saga_name", "step", "attempt")
+    assert records
+    assert [r.getMessage() for r in records if not all(hasattr(r, f) for f in fields)] == []
+    formatter = logging.Formatter("%(saga_id)s %(saga_name)s %(step)s %(attempt)s %(message)s")
+    assert all(formatter.format(r) for r in records)
+
+    ada_records = [r for r in records if r.saga_id == str(saga_of(ada))]
+    events = [r.getMessage().partition(": ")[2].split(" ")[0] for r in ada_records]
+    assert events[0] == "SagaStarted", "the pending saga the policy recorded is logged too"
+    assert events.count("SagaStarted") == 1, "and only once, though redelivered"
+    assert "SagaCompensated" in events
+    failed = next(r for r in ada_records if "StepFailed" in r.getMessage())
+    assert (failed.saga_name, failed.step, failed.attempt) == ("payment", "charge", 1)
+    (no_saga,) = [r for r in records if r.levelname == "ERROR"]
+    assert (no_saga.saga_id, no_saga.saga_name, no_saga.step) == (None, "payment", None)
+
+
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
 def test_a_restarted_system_goes_on_where_it_stopped(
     systems: Callable[..., Runner[Any]],

@@ -909,8 +909,11 @@ def test_a_late_completion_after_a_takeover_is_rejected_and_logged(
     assert saga.status == "completed"
     assert saga.version == len(newer)
     assert shop.log() == [("do", "a"), ("do", "b"), ("do", "b"), ("do", "c")]
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(str(saga.id) in message and "taken over" in message for message in warnings)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    (late,) = [r for r in warnings if "taken over" in r.getMessage()]
+    assert str(saga.id) in late.getMessage()
+    fields = (late.saga_id, late.saga_name, late.step, late.attempt)  # type: ignore[attr-defined]
+    assert fields == (str(saga.id), "trip", "c", 1), "where the late worker's rejected boundary led"
     assert app.verify() == []
 
 
