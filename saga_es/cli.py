@@ -551,6 +551,15 @@ def check(db: str | None, modules: tuple[str, ...], recent_hours: float) -> None
     with _app(db) as app:
         app.register(*definitions)
         stored = {name for name, _ in app.stats()}
+        if stored and not stored & set(newest):
+            # Sagas are stored, but under other names: a typo or the wrong module, which a
+            # deploy gate must not pass as "nothing to check".
+            click.echo(
+                f"saga-es: no stored saga was started from {', '.join(map(repr, newest))}; "
+                f"stored names: {', '.join(map(repr, sorted(stored)))}",
+                err=True,
+            )
+            sys.exit(1)
         for definition in newest.values():
             if definition.name not in stored:
                 click.echo(f"check of {definition.name!r}: no stored saga of that name")

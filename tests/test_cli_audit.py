@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -147,3 +148,30 @@ def test_diagram_draws_the_readable_path_and_names_the_event_left_out(
     assert unknown.returncode == 1
     assert "no saga definition 'trip' version 1" in unknown.stderr
     assert "--definitions MODULE" in unknown.stderr
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_check_of_definitions_no_stored_saga_has_fails_naming_the_stored_ones(
+    env: Env, open_app: Callable[[Env], SagaApplication], tmp_path: Path
+) -> None:
+    open_app(env).run(TRIP, CUSTOMERS[0], key="stored")
+    (tmp_path / "typo_sagas.py").write_text(
+        "from saga_es import SagaDefinition, Step\n"
+        "TRIPP = SagaDefinition('tripp', [Step('book_flight', lambda c, k: None)])\n"
+    )
+    (tmp_path / "grown_sagas.py").write_text(
+        "from saga_es.demo import TRIP\n"
+        "from saga_es import SagaDefinition, Step\n"
+        "REFUND = SagaDefinition('refund', [Step('pay_back', lambda c, k: None)])\n"
+    )
+    path = {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+
+    typo = saga_es({**env, **path}, "check", "--definitions", "typo_sagas")
+    assert typo.returncode == 1
+    assert "no stored saga was started from 'tripp'; stored names: 'trip'" in typo.stderr
+    assert "Traceback" not in typo.stderr
+
+    grown = saga_es({**env, **path}, "check", "--definitions", "grown_sagas")
+    assert grown.returncode == 0, grown.stderr
+    assert "check of 'refund': no stored saga of that name" in grown.stdout
+    assert "1 saga(s) checked, 0 diverge (0 blocking)" in grown.stdout
