@@ -18,16 +18,18 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import click
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from saga_es.aggregate import Saga
 from saga_es.application import SagaApplication
 from saga_es.bench import bench_command
 from saga_es.definition import SagaDefinition
-from saga_es.errors import ConfigurationError, SagaError
+from saga_es.errors import ConfigurationError, DefinitionNotFound, SagaError
 from saga_es.machine import STATES
 from saga_es.timeline import render
 
@@ -112,6 +114,41 @@ def demo(db: str | None) -> None:
         console.print(f"Stored in {_where(app)}. Read them back with `saga-es list`.")
 
 
+class _Moment(click.ParamType[datetime]):
+    """A date or a date and time in ISO 8601: fractions of seconds, `Z` or an offset allowed.
+
+    Without an offset it is UTC, as `SagaApplication.statuses` reads naive times, so the
+    same text means the same instant on every machine.
+    """
+
+    name = "datetime"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a date or a date and time in ISO 8601 "
+                "(e.g. 2025-06-01, 2025-06-01T12:30, 2025-06-01 12:30:05.25+02:00)",
+                param,
+                ctx,
+            )
+
+
+def _saga_id(ctx: click.Context, param: click.Parameter, value: str | None) -> UUID | None:
+    """A saga id option, checked here so that a typo is a usage error, not a traceback."""
+    if value is None:
+        return None
+    try:
+        return UUID(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a saga id (a UUID)") from None
+
+
 def _filters(command: Callable[..., None]) -> Callable[..., None]:
     """The filters `list` and `stats` share: `--status`, `--name`, `--key`, `--since`, `--until`."""
     for option in reversed(
@@ -127,8 +164,16 @@ def _filters(command: Callable[..., None]) -> Callable[..., None]:
             click.option(
                 "--key", default=None, help="Only the saga started under this business key."
             ),
-            click.option("--since", type=click.DateTime(), help="Only sagas started after this."),
-            click.option("--until", type=click.DateTime(), help="Only sagas started before this."),
+            click.option(
+                "--since",
+                type=_Moment(),
+                help="Only sagas started after this (ISO 8601; UTC without an offset).",
+            ),
+            click.option(
+                "--until",
+                type=_Moment(),
+                help="Only sagas started before this (ISO 8601; UTC without an offset).",
+            ),
         )
     ):
         command = option(command)
@@ -139,7 +184,9 @@ def _filters(command: Callable[..., None]) -> Callable[..., None]:
 @_db_option
 @_filters
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--after", default=None, metavar="ID", help="The page after this saga id.")
+@click.option(
+    "--after", default=None, metavar="ID", callback=_saga_id, help="The page after this saga id."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 def list_(
     db: str | None,
@@ -149,23 +196,20 @@ def list_(
     since: datetime | None,
     until: datetime | None,
     limit: int,
-    after: str | None,
+    after: UUID | None,
     as_json: bool,
 ) -> None:
     """List sagas, oldest first, from the status projection (no replay); filter and page."""
     with _app(db) as app:
-        try:
-            found = app.statuses(
-                status=statuses,
-                name=name,
-                key=key,
-                started_after=since,
-                started_before=until,
-                after=after,
-                limit=limit,
-            )
-        except ValueError as e:  # a malformed --after
-            raise click.BadParameter(str(e), param_hint="--after") from None
+        found = app.statuses(
+            status=statuses,
+            name=name,
+            key=key,
+            started_after=since,
+            started_before=until,
+            after=after,
+            limit=limit,
+        )
     rows = [
         {
             "id": str(row.saga_id),
@@ -184,9 +228,12 @@ def list_(
         for row in rows:
             click.echo(json.dumps(row))
         return
+    if not rows:
+        click.echo("0 saga(s)")
+        return
     more = f"; next page: --after {rows[-1]['id']}" if len(rows) == limit else ""
     table = Table(title=f"{len(rows)} saga(s){more}", title_justify="left")
-    for column in rows[0] if rows else ("id",):
+    for column in rows[0]:
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c]) if row[c] is not None else "" for c in row))
@@ -235,11 +282,16 @@ def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> No
     """Show one saga's timeline, optionally as it was after event N."""
     with _app(db) as app:
         saga = app.get(saga_id, version=version)
+        # With --at, only the events up to N are read: one after it that cannot be decoded
+        # (written by a later release, say) does not stop time travel to before it.
         if as_json:
-            history = app.history(saga.id)[: saga.version]
+            history = app.history(saga.id, strict=version is None)[: saga.version]
             click.echo(json.dumps([r.to_dict() for r in history], indent=2, default=str))
             return
-        events = app.saga_events(saga.id)[: saga.version]
+        try:
+            events: list[Saga.Event] = list(app.events.get(saga.id, lte=saga.version))  # type: ignore[arg-type]
+        except Exception as e:
+            raise app.unreadable(saga.id, e) from e
     console = _console()
     console.print(render(saga, events))
     console.print(f"  context: {saga.context_state}")
@@ -401,10 +453,27 @@ def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[s
         return
     with _app(db) as app:
         app.register(*definitions)
-        saga = app.get(saga_id)
-        definition = app.definition(saga.name, saga.definition_version)
-        events = list(app.events.get(saga.id))
-    click.echo(saga_path_diagram(definition, events))  # type: ignore[arg-type]
+        # Drawn from the history records, so an event that cannot be decoded is left out
+        # (and named) instead of costing the whole drawing.
+        records = app.history(saga_id, strict=False)
+        started = next((r for r in records if r.readable and r.event == "SagaStarted"), None)
+        if started is None:
+            app.get(saga_id)  # raises, naming the event that cannot be read
+            raise AssertionError("a saga with no readable SagaStarted was rebuilt")
+        name, version = started.details["name"], started.details["definition_version"]
+        try:
+            definition = app.definition(name, version)
+        except DefinitionNotFound as e:
+            click.echo(f"saga-es: {e}; on the command line: --definitions MODULE", err=True)
+            sys.exit(1)
+        drawing = saga_path_diagram(definition, records)
+    click.echo(drawing)
+    for record in records:
+        if not record.readable:
+            click.echo(
+                f"saga-es: event {record.version} ({record.event}) cannot be read and is not drawn",
+                err=True,
+            )
 
 
 @cli.command()
@@ -469,6 +538,15 @@ def check(db: str | None, modules: tuple[str, ...], recent_hours: float) -> None
     with _app(db) as app:
         app.register(*definitions)
         stored = {name for name, _ in app.stats()}
+        if stored and not stored & set(newest):
+            # Sagas are stored, but under other names: a typo or the wrong module, which a
+            # deploy gate must not pass as "nothing to check".
+            click.echo(
+                f"saga-es: no stored saga was started from {', '.join(map(repr, newest))}; "
+                f"stored names: {', '.join(map(repr, sorted(stored)))}",
+                err=True,
+            )
+            sys.exit(1)
         for definition in newest.values():
             if definition.name not in stored:
                 click.echo(f"check of {definition.name!r}: no stored saga of that name")

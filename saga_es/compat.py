@@ -199,9 +199,23 @@ def _check_one(
         return [Divergence(row.saga_id, at, UNREADABLE, None, why, live)]
     own = app.definitions.get((saga.name, saga.definition_version))
     if own is not None and own is not definition and own.version != definition.version:
-        # The code registers the saga's own version too: recovery will use that one.
-        return _Compare(saga, own, events).divergences()
+        # The code registers the saga's own version too: recovery will use that one, so
+        # the saga is compared with it, and the version mismatch is still reported.
+        return sorted(
+            [_kept_version(saga, definition), *_Compare(saga, own, events).divergences()],
+            key=lambda d: d.version,
+        )
     return _Compare(saga, definition, events).divergences()
+
+
+def _kept_version(saga: Saga, definition: SagaDefinition) -> Divergence:
+    """The saga's version differs, but it stays registered: reported, never blocking."""
+    old, new = saga.definition_version, definition.version
+    message = (
+        f"started from v{old}, not v{new}; v{old} is registered here too, so recovery and "
+        f"resolve will use it: the new code must keep v{old} registered until its sagas end"
+    )
+    return Divergence(saga.id, 1, VERSION, None, message, False)
 
 
 _Stage = frozenset[str]

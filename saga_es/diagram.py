@@ -329,6 +329,8 @@ class _Trace:
     status: str | None = None
     started: bool = False
     recorded_steps: list[str] | None = None
+    recorded_name: str | None = None
+    recorded_version: int | None = None
     timed_out: bool = False
 
     def step(self, name: str | None) -> _StepTrace:
@@ -359,6 +361,8 @@ def _trace(events: Iterable[Saga.Event | HistoryRecord]) -> _Trace:
         if name == "SagaStarted":
             trace.started = True
             trace.recorded_steps = list(fields.get("steps") or [])
+            trace.recorded_name = fields.get("name")
+            trace.recorded_version = fields.get("definition_version")
         elif name == "StepStarted":
             step.action = "running"
             step.attempts = max(step.attempts, attempt or 0)
@@ -439,10 +443,17 @@ def saga_path_diagram(
     number of attempts), `fallback` (blue: the step's fallback did its work),
     `compensated` (amber), `stuck` (red, bold: a compensation failed), `running` (still in
     flight) or `unreached` (grey, dashed). The links the saga followed are drawn thick.
-    A `DefinitionError` says the events were recorded for other steps than `definition`'s.
+    A `DefinitionError` says the events were recorded by a saga of another name, or for
+    other steps than `definition`'s.
     """
     trace = _trace(events)
     names = [step.name for step in definition.steps]
+    if trace.recorded_name is not None and trace.recorded_name != definition.name:
+        raise DefinitionError(
+            f"the events are of a saga of {trace.recorded_name!r} "
+            f"v{trace.recorded_version}, not of {definition.name!r}: draw it with its own "
+            "definition"
+        )
     if trace.recorded_steps is not None and trace.recorded_steps != names:
         raise DefinitionError(
             f"saga {definition.name!r} v{definition.version} has steps {names}, "

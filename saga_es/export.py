@@ -16,7 +16,10 @@ added under the same schema id; a key is never removed or retyped without a new 
 
 - `schema` (string): `"saga_es.export/1"`.
 - `saga` (object): the saga as rebuilt from its events. When an event cannot be
-  read the saga cannot be rebuilt, and every field but `id` is `null`.
+  read the saga cannot be rebuilt: `status`, `version`, `updated_at`, `context` and
+  `error` are `null`, and `name`, `definition_version`, `key`, `steps` and
+  `started_at` are what its `SagaStarted` recorded (`null` too if that one cannot be
+  read).
     - `id` (string): the saga's UUID.
     - `name` (string): its definition's name.
     - `definition_version` (integer): its definition's version.
@@ -161,7 +164,7 @@ def export_json(app: SagaApplication, saga_id: UUID | str) -> dict[str, Any]:
     steps = _step_summaries(history, started, saga)
     document = {
         "schema": SCHEMA,
-        "saga": _saga_fields(uuid, saga),
+        "saga": _saga_fields(uuid, saga, started),
         "events": [record.to_dict() for record in history],
         "unreadable": [record.version for record in history if not record.readable],
         "steps": steps,
@@ -171,7 +174,8 @@ def export_json(app: SagaApplication, saga_id: UUID | str) -> dict[str, Any]:
     return plain
 
 
-def _saga_fields(saga_id: UUID, saga: Saga | None) -> dict[str, Any]:
+def _saga_fields(saga_id: UUID, saga: Saga | None, started: HistoryRecord | None) -> dict[str, Any]:
+    """The rebuilt saga's fields; without it, what its readable `SagaStarted` recorded."""
     fields: dict[str, Any] = {
         "id": str(saga_id),
         "name": None,
@@ -197,6 +201,15 @@ def _saga_fields(saga_id: UUID, saga: Saga | None) -> dict[str, Any]:
             updated_at=saga.modified_on,
             context=dict(saga.context_state),
             error=saga.error,
+        )
+    elif started is not None:  # what the saga was started as still reads
+        recorded = started.details
+        fields.update(
+            name=recorded.get("name"),
+            definition_version=recorded.get("definition_version"),
+            key=recorded.get("key"),
+            steps=list(recorded.get("steps") or []),
+            started_at=started.timestamp,
         )
     return fields
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from typing import Any
+from typing import Any, NamedTuple
 
 from eventsourcing.persistence import StoredEvent
 
@@ -40,9 +40,12 @@ _COMMON = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class Change:
-    """One context field a step or compensation changed."""
+class Change(NamedTuple):
+    """One context field a step or compensation changed.
+
+    A named pair, so `before, after = change` and `change == (before, after)` read as
+    the "field: before → after" an auditor writes.
+    """
 
     before: Any
     after: Any
@@ -78,6 +81,21 @@ class HistoryRecord:
     changes: dict[str, Change] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     readable: bool = True
+
+    @property
+    def time(self) -> datetime | None:
+        """`timestamp`, under the name an auditor asks for."""
+        return self.timestamp
+
+    @property
+    def event_type(self) -> str:
+        """`event`: the event's type, or the stored topic of an unreadable one."""
+        return self.event
+
+    @property
+    def state(self) -> str | None:
+        """`status`: the saga's state right after the event."""
+        return self.status
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (see the export schema): `json.dumps` takes them as they are."""

@@ -200,10 +200,37 @@ def test_a_bumped_version_blocks_live_sagas_until_the_old_one_stays_registered(
 
     app.register(trip())  # the new code keeps v1 for the sagas started from it
     kept = check(app, trip(version=2))
-    assert kept.ok
-    assert found(kept, sagas) == {which: [] for which in sagas}
+    assert kept.ok  # the mismatch is still reported, but recovery will use v1
+    assert found(kept, sagas) == {which: [("version", None, False)] for which in sagas}
+    assert all("v1 is registered here too" in d.message for d in kept.divergences)
     app.register(trip("a b2 c"))  # ... but a v1 that lost step b cannot drive them
-    assert found(check(app, trip(version=2)), sagas)["flying"] == [("renamed", "b", True)]
+    assert found(check(app, trip(version=2)), sagas)["flying"] == [
+        ("version", None, False),
+        ("renamed", "b", True),
+    ]
+
+
+def test_a_version_mismatch_is_reported_by_the_application_that_ran_the_sagas(
+    app: SagaApplication,
+) -> None:
+    """`run` registers v1, as a running application does; checking v2 still names it."""
+    definition = trip()
+    done = app.run(definition, {}, key="done").id
+    with pytest.raises(WorkerDied):
+        app.run(definition, {"die": "b"}, key="flying")
+    flying = SagaApplication.saga_id("trip", "flying")
+    assert app.definitions[("trip", 1)] is definition
+
+    report = check(app, trip(version=2))
+    assert report.ok
+    mismatches = {d.saga_id: (d.kind, d.step, d.version, d.blocking) for d in report.divergences}
+    assert mismatches == {done: ("version", None, 1, False), flying: ("version", None, 1, False)}
+
+    renamed = check(app, trip("a b2 c", version=2))  # v1 still drives them: no rename matters
+    assert {(d.saga_id, d.kind) for d in renamed.divergences} == {
+        (done, "version"),
+        (flying, "version"),
+    }
 
 
 def test_a_step_added_at_the_end_is_reported_but_blocks_nothing(

@@ -533,6 +533,18 @@ def test_events_of_another_definition_are_refused(app: SagaApplication) -> None:
         saga_path_diagram(other, events)
 
 
+def test_a_definition_of_another_name_is_refused_naming_both(app: SagaApplication) -> None:
+    saga, events = run(app, booking())
+    same_steps = SagaDefinition(
+        "shipping", [Step("reserve", reserve), Step("pay", charge), Step("ship", Ship())]
+    )
+    for given in (events, app.history(saga.id)):
+        with pytest.raises(DefinitionError) as caught:
+            saga_path_diagram(same_steps, given)
+        message = str(caught.value)
+        assert "of a saga of 'booking' v1, not of 'shipping'" in message
+
+
 def test_a_nested_step_names_its_child_saga_in_the_path() -> None:
     from saga_es import SagaApplication, SagaDefinition, Step
     from saga_es.diagram import saga_path_diagram

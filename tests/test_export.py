@@ -464,11 +464,19 @@ def test_an_unreadable_event_is_marked_and_the_rest_still_exports(
     assert bad["error"]["type"]
     assert bad["error"]["message"]
     assert isinstance(bad["position"], int)
-    # The saga cannot be rebuilt without it: only its id is known.
+    # The saga cannot be rebuilt without it: its id and what it was started as are known.
     assert document["saga"]["id"] == str(saga.id)
-    unknown = {k: v for k, v in document["saga"].items() if k != "id"}
-    assert set(unknown) == set(SAGA_FIELDS) - {"id"}
+    assert set(document["saga"]) == set(SAGA_FIELDS)
+    recorded = {"name", "definition_version", "key", "steps", "started_at"}
+    unknown = {k: v for k, v in document["saga"].items() if k not in {"id", *recorded}}
     assert set(unknown.values()) == {None}
+    assert {k: document["saga"][k] for k in recorded} == {
+        "name": saga.name,
+        "definition_version": saga.definition_version,
+        "key": saga.key,
+        "steps": saga.steps,
+        "started_at": saga.created_on.isoformat(),
+    }
     # The steps are still read from the readable events, in the recorded order.
     assert attempts(document) == {"a": [(1, "completed")], "b": [(1, "failed")], "c": []}
     assert compensations(document) == {"a": [(1, "completed")], "b": [], "c": []}

@@ -203,6 +203,26 @@ def test_each_record_says_what_changed_before_and_after(app: SagaApplication) ->
     assert fold(records) == {"x": 2, "gone": "back", "tags": ["b", "c"], "a": "done"}
 
 
+def test_records_answer_to_the_names_an_auditor_uses(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    """time, event type, state after, and each change as a (before, after) pair."""
+    saga = app.run(TRIP, dict(TRIP_START))
+    for record in reader.history(saga.id):
+        assert record.time == record.timestamp
+        assert isinstance(record.time, datetime)
+        assert record.event_type == record.event
+        assert record.state == record.status
+    completed_b = next(
+        r for r in reader.history(saga.id) if (r.event, r.step) == ("StepCompleted", "b")
+    )
+    assert completed_b.changes["x"] == (0, 1)
+    before, after = completed_b.changes["tags"]
+    assert (before, after) == ([], ["b"])
+    assert completed_b.changes["gone"] == (True, REMOVED)
+    assert completed_b.changes["x"].before == 0
+
+
 def test_records_on_another_application_reading_the_store_are_equal(
     app: SagaApplication, reader: SagaApplication
 ) -> None:
