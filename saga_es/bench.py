@@ -879,7 +879,7 @@ def run_bench(
     recovery_sagas: int = 0,
     concurrent_sagas: int = 0,
     workers: Sequence[int] = (),
-    worker_sagas: int = 400,
+    worker_sagas: int = 1000,
     worker_concurrency: int = 4,
     memory_sagas: int = 0,
     progress: Callable[[str], None] = lambda _: None,
@@ -1293,7 +1293,7 @@ def _parse_workers(value: str) -> list[int]:
 )
 @click.option(
     "--worker-sagas",
-    default=400,
+    default=1000,
     show_default=True,
     type=click.IntRange(min=1),
     help="Sagas the worker processes run, for each process count.",
