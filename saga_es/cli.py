@@ -22,6 +22,7 @@ from uuid import UUID
 
 import click
 from rich.console import Console
+from rich.padding import Padding
 from rich.progress import Progress
 from rich.table import Table
 
@@ -282,19 +283,40 @@ def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> No
     """Show one saga's timeline, optionally as it was after event N."""
     with _app(db) as app:
         saga = app.get(saga_id, version=version)
-        # With --at, only the events up to N are read: one after it that cannot be decoded
-        # (written by a later release, say) does not stop time travel to before it.
         if as_json:
             history = app.history(saga.id, strict=version is None)[: saga.version]
             click.echo(json.dumps([r.to_dict() for r in history], indent=2, default=str))
             return
-        try:
-            events: list[Saga.Event] = list(app.events.get(saga.id, lte=saga.version))  # type: ignore[arg-type]
-        except Exception as e:
-            raise app.unreadable(saga.id, e) from e
-    console = _console()
-    console.print(render(saga, events))
-    console.print(f"  context: {saga.context_state}")
+        console = _console()
+        _show_tree(app, console, saga, depth=0)
+
+
+def _show_tree(app: SagaApplication, console: Console, saga: Saga, depth: int) -> None:
+    """The saga's timeline, then each child saga's (`Step.saga`) below it, indented: the tree."""
+    # With --at, only the events up to N are read: one after it that cannot be decoded
+    # (written by a later release, say) does not stop time travel to before it.
+    try:
+        events: list[Saga.Event] = list(app.events.get(saga.id, lte=saga.version))  # type: ignore[arg-type]
+    except Exception as e:
+        raise app.unreadable(saga.id, e) from e
+    console.print(Padding(render(saga, events), (0, 0, 0, 4 * depth)))
+    console.print(Padding(f"  context: {saga.context_state}", (0, 0, 0, 4 * depth)))
+    for step, child in _children(app, saga, events):
+        link = f"  └─ step {step!r} ran child saga {child.id}:"
+        console.print(Padding(link, (1, 0, 0, 4 * depth)))
+        _show_tree(app, console, child, depth + 1)
+
+
+def _children(app: SagaApplication, saga: Saga, events: list[Saga.Event]) -> list[tuple[str, Saga]]:
+    """The sagas the parent's steps started: keyed `<parent id>:<step>`, found by that key."""
+    steps = dict.fromkeys(e.step for e in events if isinstance(e, Saga.StepStarted))
+    found = []
+    for step in steps:
+        for row in app.sagas(key=f"{saga.id}:{step}"):
+            child = app.get(row.saga_id)
+            if child.parent_saga_id == str(saga.id):  # not a saga that merely took such a key
+                found.append((step, child))
+    return found
 
 
 def _non_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:

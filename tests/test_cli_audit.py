@@ -175,3 +175,50 @@ def test_check_of_definitions_no_stored_saga_has_fails_naming_the_stored_ones(
     assert grown.returncode == 0, grown.stderr
     assert "check of 'refund': no stored saga of that name" in grown.stdout
     assert "1 saga(s) checked, 0 diverge (0 blocking)" in grown.stdout
+
+
+def _authorise(context: dict[str, object], key: str) -> None:
+    context["auth"] = "ok"
+
+
+def _void(context: dict[str, object], key: str) -> None:
+    context["auth"] = None
+
+
+def _courier_down(context: dict[str, object], key: str) -> None:
+    raise RuntimeError("courier down")
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_show_prints_a_parent_then_its_child_saga_below_it(
+    env: Env, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    from saga_es import SagaDefinition, Step
+
+    payment = SagaDefinition("payment", [Step("authorise", _authorise, _void)])
+    order = SagaDefinition(
+        "order", [Step.saga("payment", payment, context=dict), Step("ship", _courier_down)]
+    )
+    app = open_app(env)
+    parent = app.run(order, {"amount": 30})
+    child_id = SagaApplication.saga_id("payment", f"{parent.id}:payment")
+    assert app.get(child_id).status == "compensated"
+    other = app.run(payment, {"amount": 1}, key=f"{parent.id}:ship")  # a key, not a child
+
+    shown = saga_es({**env, "COLUMNS": "200"}, "show", str(parent.id))
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert f"└─ step 'payment' ran child saga {child_id}:" in out
+    assert out.index(f"saga {parent.id}") < out.index(f"saga {child_id} · payment")
+    child_table = out[out.index(f"saga {child_id} · payment") :]
+    assert "SagaReverted" in child_table
+    assert "authorise" in child_table
+    assert str(other.id) not in out  # it took such a key but names no parent
+
+    alone = saga_es({**env, "COLUMNS": "200"}, "show", str(child_id))
+    assert alone.returncode == 0, alone.stderr
+    assert "child of saga" in alone.stdout
+    assert "ran child saga" not in alone.stdout  # a child has no children here
+    started = json.loads(saga_es(env, "show", str(child_id), "--json").stdout)[0]
+    assert started["details"]["parent_saga_id"] == str(parent.id)
+    assert started["details"]["parent_step"] == "payment"
