@@ -206,6 +206,14 @@ class Step:
             raise DefinitionError(f"{owner}: compensate_on_failure must be True or False")
         if self.compensate_on_failure and self.compensation is None:
             raise DefinitionError(f"{owner}: compensate_on_failure=True needs a compensation")
+        if self.compensate_on_failure and self.fallback is not None:
+            # A step records one compensation, that of the action that took effect: the
+            # primary's partial effect would go unrecorded, and so never be undone.
+            raise DefinitionError(
+                f"{owner}: compensate_on_failure=True cannot be combined with a fallback "
+                "(the failed primary's effect would never be undone); undo it inside the "
+                "fallback, or split the step in two"
+            )
         if not isinstance(self.cancellable, bool):
             raise DefinitionError(f"{owner}: cancellable must be True or False")
         if self.cancellable and not _is_async(self.action):

@@ -1887,6 +1887,11 @@ BAD_INPUT = [
     pytest.param(
         lambda: CircuitBreaker("cards", reset_timeout=0), "reset_timeout", id="breaker-reset-0"
     ),
+    pytest.param(
+        lambda: Step("s", noop, noop, fallback=noop, compensate_on_failure=True),
+        "cannot be combined with a fallback",
+        id="compensate_on_failure-with-fallback",
+    ),
 ]
 
 
