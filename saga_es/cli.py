@@ -26,6 +26,7 @@ from rich.padding import Padding
 from rich.progress import Progress
 from rich.table import Table
 
+from saga_es import recovery
 from saga_es.aggregate import Saga
 from saga_es.application import SagaApplication
 from saga_es.bench import bench_command
@@ -629,14 +630,14 @@ def worker(
 def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
     """The application, retrying with backoff while the store cannot be reached."""
     env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": db} if db else None
-    delay = 0.5
+    delay = recovery.STORE_RETRY_FIRST
     while not stop.is_set():
         try:
             return _chosen_class()(env=env)
         except ConfigurationError as e:
             log.warning("cannot reach the store (%s); retrying in %.1fs", e, delay)
         stop.wait(delay)
-        delay = min(delay * 2, 30.0)
+        delay = min(delay * 2, recovery.STORE_RETRY_MAX)
     return None
 
 

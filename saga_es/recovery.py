@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from saga_es import machine, runner, tracing
 from saga_es.aggregate import Saga, StreamProblem, replay_checked, verify_events
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("saga_es")
 
 PAGE = 500
+STORE_RETRY_FIRST = 0.5
+"""Seconds a worker waits before listing again once the store cannot be reached; doubled
+each time, up to `STORE_RETRY_MAX`."""
+STORE_RETRY_MAX = 30.0
 
 
 @dataclass
@@ -193,10 +197,18 @@ async def work(
 
     owners: dict[asyncio.Task[None], UUID] = {}
 
+    delay = STORE_RETRY_FIRST
     while not stop.is_set():
-        rows = await asyncio.to_thread(
-            app.statuses, status=IN_FLIGHT_STATES, limit=max(PAGE, 4 * concurrency)
-        )
+        try:
+            rows = await asyncio.to_thread(
+                app.statuses, status=IN_FLIGHT_STATES, limit=max(PAGE, 4 * concurrency)
+            )
+        except (OperationalError, InterfaceError) as e:  # the store went away: wait, look again
+            log.warning("cannot reach the store (%s); retrying in %.1fs", e, delay)
+            await _pause(stop, delay, running)
+            delay = min(delay * 2, STORE_RETRY_MAX)
+            continue
+        delay = STORE_RETRY_FIRST
         now = datetime.now(UTC)
         candidates = [row for row in rows if row.saga_id not in running and _due(app, row, now)]
         random.shuffle(candidates)  # workers sharing a store start on different sagas
@@ -206,6 +218,9 @@ async def work(
             if stop.is_set():
                 break
             await slots.acquire()
+            if stop.is_set():
+                slots.release()  # told to stop while waiting for a slot: take nothing new
+                break
             if len(report.taken_over) - lost >= concurrency:
                 slots.release()  # others took what this listing offered: list afresh
                 break

@@ -7,6 +7,7 @@ the tests can say which step ran how many times, in which process.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from saga_es import ContextError, DefinitionNotFound, SagaApplication
 
 SAGAS = """
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -292,3 +294,59 @@ def test_a_cancel_from_another_process_cuts_a_cancellable_async_action_in_the_wo
     assert failed.error is not None
     assert failed.error.type == "StepCancelled"
     assert app.verify() == []
+
+
+def _instant(context: dict[str, Any], key: str) -> None:
+    context["done"] = True
+
+
+def test_a_worker_rides_out_its_database_refusing_connections_mid_run(
+    store_env: Callable[..., Env], open_app: Callable[[Env], SagaApplication], request: Any
+) -> None:
+    from psycopg import sql
+
+    from saga_es import SagaDefinition, Step
+
+    env = store_env("postgres")
+    server = request.getfixturevalue("pg_server")
+    database = sql.Identifier(env["POSTGRES_DBNAME"])
+    definition = SagaDefinition("instant", [Step("only", _instant)])
+    app = open_app({**env, "POSTGRES_CONNECT_TIMEOUT": "2"})
+    app.register(definition)
+    with server.connect() as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            [env["POSTGRES_DBNAME"]],
+        )
+        stop = threading.Event()
+        records: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record.getMessage())
+
+        handler = Keep(level=logging.WARNING)
+        logging.getLogger("saga_es").addHandler(handler)
+        worker = threading.Thread(target=lambda: app.work(poll_interval=0.05, stop=stop))
+        try:
+            worker.start()
+            deadline = time.monotonic() + 30
+            while sum("cannot reach the store" in m for m in records) < 2:
+                assert time.monotonic() < deadline, records
+                time.sleep(0.05)
+            assert worker.is_alive()  # it waits and looks again; it does not give up
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            saga_id = app.submit(definition, {})
+            deadline = time.monotonic() + 30
+            while app.get(saga_id).status != "completed":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            stop.set()
+            worker.join(30)
+            logging.getLogger("saga_es").removeHandler(handler)
+    waits = [m for m in records if "cannot reach the store" in m]
+    assert "retrying in 0.5s" in waits[0]
+    assert "retrying in 1.0s" in waits[1]  # backing off
