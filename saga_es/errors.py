@@ -40,8 +40,8 @@ class ContextError(SagaError, TypeError):
 
     def __init__(self, field: str, value: Any, reason: str) -> None:
         super().__init__(
-            f"context field {field!r} holds a {type(value).__name__}, which cannot be "
-            f"stored: {reason}. Use JSON-friendly values or register a transcoding."
+            f"context field {field!r} holds a value of type {type(value).__name__}, which "
+            f"cannot be stored: {reason}. Use JSON-friendly values or register a transcoding."
         )
         self.field = field
         self.value = value

@@ -422,7 +422,7 @@ def test_registered_transcodings_bring_each_type_back_str_and_int_enums_too(
 
         # A plain SagaApplication knows none of them: refused at start, nothing stored.
         plain = SagaApplication(env=env)
-        with pytest.raises(ContextError, match="'parcel' holds a Parcel") as raised:
+        with pytest.raises(ContextError, match="'parcel' holds a value of type Parcel") as raised:
             plain.submit(SagaDefinition("ship", [Step("book", book)]), shipment, key="other")
         assert raised.value.field == "parcel"
         assert plain.sagas(key="other") == []
