@@ -350,3 +350,49 @@ def test_a_worker_rides_out_its_database_refusing_connections_mid_run(
     waits = [m for m in records if "cannot reach the store" in m]
     assert "retrying in 0.5s" in waits[0]
     assert "retrying in 1.0s" in waits[1]  # backing off
+
+
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+def test_a_cancel_racing_a_worker_process_step_by_step_has_one_winner_and_a_legal_history(
+    store: str, env: Env, app: SagaApplication, sagas_module: Any
+) -> None:
+    from saga_es import IllegalTransition
+
+    worker = start_worker(env, sagas_module, "--poll", "0.02", pause=0.1)
+    outcomes: list[str] = []
+    try:
+        # Each round's cancel comes later after its saga's first step began: the first ones
+        # while it runs (~0.3 s a saga), the last ones well after it ended.
+        for round_, delay in enumerate((0, 0.03, 0.06, 0.1, 0.15, 0.2, 1.0, 1.5)):
+            saga_id = app.submit(sagas_module.ORDER, {"n": round_})
+            key = f"{saga_id}:reserve"
+            wait_until(lambda key=key: any(k == key for _, _, k in effects(sagas_module)))
+            time.sleep(delay)
+            try:
+                app.cancel(saga_id, by="ada", reason=f"round {round_}")
+                won = "cancel"
+            except IllegalTransition:
+                won = "saga"  # it ended first: the cancel was refused, nothing appended
+            wait_until(
+                lambda saga_id=saga_id: app.get(saga_id).status in ("cancelled", "completed")
+            )
+            final = app.get(saga_id)
+            assert final.status == ("cancelled" if won == "cancel" else "completed")
+            events = [r.event for r in app.history(saga_id)]
+            assert events.count("CancelRequested") == (1 if won == "cancel" else 0)
+            mine = [
+                (what, k.split(":")[1])
+                for _, what, k in effects(sagas_module)
+                if k.startswith(f"{saga_id}:")
+            ]
+            did = [step for what, step in mine if what == "do"]
+            if won == "cancel":  # whatever ran is undone, in reverse order
+                assert [step for what, step in mine if what == "undo"] == did[::-1]
+                assert [what for what, _ in mine] == ["do"] * len(did) + ["undo"] * len(did)
+            else:
+                assert mine == [("do", "reserve"), ("do", "pay"), ("do", "ship")]
+            outcomes.append(won)
+    finally:
+        stop(worker)
+    assert app.verify() == []
+    assert set(outcomes) == {"cancel", "saga"}  # early rounds land in time, late ones do not
