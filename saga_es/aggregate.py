@@ -12,13 +12,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
-from uuid import UUID
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
 from saga_es import machine
 from saga_es.context import State, apply_diff, from_state
 from saga_es.errors import IllegalTransition
+
+KEY_NAMESPACE = uuid5(NAMESPACE_URL, "https://saga-es/keys")
+"""Saga ids derived from a business key are uuid5 in this namespace."""
+
+
+def keyed_id(name: str, key: str) -> UUID:
+    """The id of the saga of definition `name` started under business `key`."""
+    return uuid5(KEY_NAMESPACE, f"{name}\x00{key}")
 
 
 class Saga(Aggregate):
@@ -29,7 +37,7 @@ class Saga(Aggregate):
     """
 
     TOPIC = "saga_es:Saga"
-    class_version = 3
+    class_version = 4
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -48,6 +56,11 @@ class Saga(Aggregate):
         """Snapshots before nested sagas named their parent."""
         state.setdefault("parent_saga_id", None)
         state.setdefault("parent_step", None)
+
+    @staticmethod
+    def upcast_v3_v4(state: dict[str, Any]) -> None:
+        """Snapshots before a parent's step named the child saga it starts."""
+        state.setdefault("children", {})
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -74,7 +87,7 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:SagaStarted"
         trigger = "start_saga"
-        class_version = 3
+        class_version = 4
         name: str
         definition_version: int
         steps: list[str]
@@ -87,6 +100,8 @@ class Saga(Aggregate):
         deadline: datetime | None = None
         parent_saga_id: str | None = None
         parent_step: str | None = None
+        children: dict[str, str] = dataclasses.field(default_factory=dict)
+        """Each `Step.saga` step, with the name of the definition its child saga runs."""
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -100,6 +115,11 @@ class Saga(Aggregate):
             """Before nested sagas named their parent in their first event."""
             state.setdefault("parent_saga_id", None)
             state.setdefault("parent_step", None)
+
+        @staticmethod
+        def upcast_v3_v4(state: dict[str, Any]) -> None:
+            """Before a saga recorded which of its steps start child sagas."""
+            state.setdefault("children", {})
 
         def evolve(self, saga: Saga) -> None:
             """Record what the saga is made of."""
@@ -115,6 +135,7 @@ class Saga(Aggregate):
             saga.deadline = self.deadline
             saga.parent_saga_id = self.parent_saga_id
             saga.parent_step = self.parent_step
+            saga.children = dict(self.children)
 
     Created = SagaStarted
 
@@ -123,15 +144,22 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:StepStarted"
         trigger = "start_step"
-        class_version = 2
+        class_version = 3
         step: str
         attempt: int
         fallback: bool = False
+        child_saga_id: str | None = None
+        """The saga a `Step.saga` step runs: the other end of its `parent_saga_id`."""
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             """Before fallbacks: every attempt ran the primary action."""
             state.setdefault("fallback", False)
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            """Before a nested step's start named its child saga."""
+            state.setdefault("child_saga_id", None)
 
         def evolve(self, saga: Saga) -> None:
             """Mark the step as in flight on this attempt."""
@@ -474,6 +502,8 @@ class Saga(Aggregate):
         self.parent_saga_id: str | None = None
         """The saga whose step `parent_step` started this one (a nested saga), else None."""
         self.parent_step: str | None = None
+        self.children: dict[str, str] = {}
+        """Each step that runs a child saga, with that saga's definition name."""
         self.resumptions: dict[str, int] = {}
         """Attempts started over one whose outcome was lost, per step (`compensation:<step>`
         for compensations): what makes a poison step."""
@@ -497,8 +527,12 @@ class Saga(Aggregate):
         deadline: datetime | None = None,
         parent_saga_id: str | None = None,
         parent_step: str | None = None,
+        children: dict[str, str] | None = None,
     ) -> Saga:
-        """A new saga, `pending` until its first step starts (`parent_*`: a nested saga's)."""
+        """A new saga, `pending` until its first step starts (`parent_*`: a nested saga's).
+
+        `children` maps each step that runs a child saga to that saga's definition name.
+        """
         to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})
         return cls._create(
             cls.SagaStarted,
@@ -516,11 +550,20 @@ class Saga(Aggregate):
             deadline=deadline,
             parent_saga_id=parent_saga_id,
             parent_step=parent_step,
+            children=children or {},
         )
 
     def start_step(self, step: str, attempt: int, *, fallback: bool = False) -> None:
         """Record, ahead of running it, that `step`'s action (or fallback) is about to run."""
-        self._move(self.StepStarted, step=step, attempt=attempt, fallback=fallback)
+        child = self.children.get(step)
+        child_saga_id = None if child is None else str(keyed_id(child, f"{self.id}:{step}"))
+        self._move(
+            self.StepStarted,
+            step=step,
+            attempt=attempt,
+            fallback=fallback,
+            child_saga_id=child_saga_id,
+        )
 
     def complete_step(
         self,

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import (
@@ -36,7 +36,7 @@ from eventsourcing.popo import POPOFactory
 from eventsourcing.utils import Environment, EnvType, TopicError, resolve_topic
 
 from saga_es import compat, recovery, runner, tracing
-from saga_es.aggregate import Saga, SagaStarted, StreamProblem, replay
+from saga_es.aggregate import KEY_NAMESPACE, Saga, SagaStarted, StreamProblem, keyed_id, replay
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.commits import GroupCommit
 from saga_es.compat import CheckReport
@@ -110,7 +110,7 @@ _STORE_RECORDERS = (
 )
 """The recorder `SagaApplication` uses by default on each store's factory."""
 
-SAGA_KEY_NAMESPACE = uuid5(NAMESPACE_URL, "https://saga-es/keys")
+SAGA_KEY_NAMESPACE = KEY_NAMESPACE
 """Saga ids derived from a business key are uuid5 in this namespace."""
 
 
@@ -574,6 +574,7 @@ class SagaApplication(Application[UUID]):
             else self.clock.now() + timedelta(seconds=definition.deadline),
             parent_saga_id=None if parent is None else parent[0],
             parent_step=None if parent is None else parent[1],
+            children=definition.children,
         )
         if begin:
             runner.begin(saga)
@@ -716,7 +717,7 @@ class SagaApplication(Application[UUID]):
     @staticmethod
     def saga_id(name: str, key: str) -> UUID:
         """The id of the saga of definition `name` started under business `key`."""
-        return uuid5(SAGA_KEY_NAMESPACE, f"{name}\x00{key}")
+        return keyed_id(name, key)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -896,6 +897,7 @@ class SagaApplication(Application[UUID]):
             context=dict(before.context_state),
             parallel=[list(group) for group in definition.groups],
             fallback_compensable=definition.fallback_compensable,
+            children=definition.children,
         )
         saga.fork(
             source_saga_id=str(before.id),

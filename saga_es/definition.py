@@ -415,6 +415,11 @@ class SagaDefinition:
         return [s.name for s in self.steps if s.compensation is not None]
 
     @property
+    def children(self) -> dict[str, str]:
+        """Each `Step.saga` step, with the name of the definition its child saga runs."""
+        return {s.name: s.children[0].name for s in self.steps if s.children}
+
+    @property
     def fallback_compensable(self) -> list[str]:
         """Steps whose fallback has a compensation: what `SagaStarted` records."""
         return [s.name for s in self.steps if s.fallback_compensation is not None]

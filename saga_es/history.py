@@ -188,6 +188,8 @@ def _record(event: Any, state: State, position: int | None) -> tuple[HistoryReco
     details = {k: v for k, v in data.items() if k not in _COMMON}
     if isinstance(event, Saga.SagaStarted):
         details.pop("context", None)
+    if details.get("child_saga_id", True) is None:  # only a `Step.saga` step names a child
+        del details["child_saga_id"]
     record = HistoryRecord(
         position=position,
         version=event.originator_version,

@@ -69,6 +69,8 @@ def timeline(events: Sequence[Saga.Event]) -> list[TimelineRow]:
             )
         elif isinstance(event, Saga.SagaTimedOut):
             detail = f"deadline {event.deadline.isoformat()} passed"
+        elif data.get("child_saga_id"):  # a `Step.saga` step starting (or retrying) its child
+            detail = f"child saga {data['child_saga_id']}"
         elif data.get("fallback"):
             detail = "fallback"
         elif "took_effect" in data:

@@ -407,16 +407,23 @@ def test_an_unusable_sqlite_file_is_a_configuration_error(tmp_path: Path) -> Non
 
 # -- versioning: streams written by the first release read back in today's shape -----------
 
-V2_FIELDS = {
-    "saga_es:SagaStarted": ("parallel", "fallback_compensable", "deadline"),
-    "saga_es:StepStarted": ("fallback",),
+V2_FIELDS = {  # and the fields of later class versions: release 1 wrote none of them
+    "saga_es:SagaStarted": (
+        "parallel",
+        "fallback_compensable",
+        "deadline",
+        "parent_saga_id",
+        "parent_step",
+        "children",
+    ),
+    "saga_es:StepStarted": ("fallback", "child_saga_id"),
     "saga_es:StepFailed": ("delay", "breaker"),
     "saga_es:CompensationFailed": ("delay",),
 }
 
 
 def _as_first_release(app: SagaApplication, stored: StoredEvent) -> StoredEvent:
-    """The stored event as release 1 wrote it: no class_version, none of the v2 fields."""
+    """The stored event as release 1 wrote it: no class_version, none of the later fields."""
     state = json.loads(stored.state)
     state.pop("class_version", None)
     for name in V2_FIELDS.get(stored.topic, ()):
@@ -466,6 +473,8 @@ def test_events_in_the_first_releases_shape_are_upcast_and_resumed(
     assert isinstance(failed, Saga.StepFailed)
     assert (failed.delay, failed.breaker) == (0.0, None)
     assert [e.fallback for e in events if isinstance(e, Saga.StepStarted)] == [False] * 3
+    assert [e.child_saga_id for e in events if isinstance(e, Saga.StepStarted)] == [None] * 3
+    assert (read.parent_saga_id, read.children) == (None, {})
     assert [r.event for r in app.history(saga.id)][-1] == "StepStarted"
 
     worker = app if env["PERSISTENCE_MODULE"].endswith("popo") else open_app(env)
@@ -491,7 +500,7 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     snapshot = Saga.Snapshot.take(saga)
     state = dict(snapshot.state)
-    assert state.pop("class_version") == 3
+    assert state.pop("class_version") == 4
     for name in (
         "groups",
         "fallback_compensable",
@@ -500,6 +509,7 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
         "retrying",
         "parent_saga_id",
         "parent_step",
+        "children",
     ):
         del state[name]
     old = Saga.Snapshot(
@@ -511,7 +521,7 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     restored = old.mutate(None)
     assert (restored.groups, restored.on_fallback, restored.retrying) == ([], [], {})
-    assert (restored.parent_saga_id, restored.parent_step) == (None, None)
+    assert (restored.parent_saga_id, restored.parent_step, restored.children) == (None, None, {})
     restored.start_step("a", 1)
     assert restored.in_flight == {"a": 1}
 
@@ -963,6 +973,15 @@ def test_a_nested_sagas_first_event_names_its_parent_and_step_and_timelines_show
     # A saga that is nobody's child names no parent.
     assert (saga.parent_saga_id, saga.parent_step) == (None, None)
     assert reader.saga_events(saga.id)[0].parent_saga_id is None
+    # Linked both ways: the parent's start of that step names the child, written ahead of it.
+    starts = [e for e in reader.saga_events(saga.id) if isinstance(e, Saga.StepStarted)]
+    assert {e.step: e.child_saga_id for e in starts} == {
+        "reserve": None,
+        "pay": str(child_id),
+        "ship": None,
+    }
+    pay = next(r for r in reader.history(saga.id) if r.event == "StepStarted" and r.step == "pay")
+    assert pay.details["child_saga_id"] == str(child_id)
     # The history shows the link, and the timelines go down from the parent and up from the child.
     assert reader.history(child_id)[0].details["parent_saga_id"] == str(saga.id)
     down = [r.detail for r in timeline(reader.saga_events(saga.id)) if r.step == "pay"]
