@@ -93,7 +93,7 @@ def _prepare(
     saga_id = row.saga_id
     try:
         definition = app.definition(row.name, row.definition_version)
-        if row.status != machine.PENDING and now - row.updated_at < _timeout(app, definition, row):
+        if _held(app, definition, row, now):
             report.waiting.append(saga_id)
             return None
         saga = rebuild(app, saga_id)
@@ -204,9 +204,9 @@ async def work(
                 app.statuses, status=IN_FLIGHT_STATES, limit=max(PAGE, 4 * concurrency)
             )
         except (OperationalError, InterfaceError) as e:  # the store went away: wait, look again
-            log.warning("cannot reach the store (%s); retrying in %.1fs", e, delay)
+            following = store_unreachable(e, delay)
             await _pause(stop, delay, running)
-            delay = min(delay * 2, STORE_RETRY_MAX)
+            delay = following
             continue
         delay = STORE_RETRY_FIRST
         now = datetime.now(UTC)
@@ -286,13 +286,22 @@ def _due(app: SagaApplication, row: SagaStatus, now: datetime) -> bool:
     A saga whose step is within its timeout is someone's: a worker that walked to it
     would only leave it. A row whose definition is missing goes on, to be reported.
     """
-    if row.status == machine.PENDING:
-        return True
     try:
         definition = app.definition(row.name, row.definition_version)
     except SagaError:
         return True
-    return now - row.updated_at >= _timeout(app, definition, row)
+    return not _held(app, definition, row, now)
+
+
+def _held(app: SagaApplication, definition: SagaDefinition, row: SagaStatus, now: datetime) -> bool:
+    """Whether the row's saga is under way within its step's timeout: a worker may own it."""
+    return row.status != machine.PENDING and now - row.updated_at < _timeout(app, definition, row)
+
+
+def store_unreachable(error: Exception, delay: float) -> float:
+    """Say, in one line, that the store cannot be reached; the wait after `delay`."""
+    log.warning("cannot reach the store (%s); retrying in %.1fs", error, delay)
+    return min(delay * 2, STORE_RETRY_MAX)
 
 
 def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) -> timedelta:
