@@ -7,6 +7,7 @@ is a shortcut for an SQLite file. A `SagaError` prints one line and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -31,7 +32,7 @@ from saga_es.aggregate import Saga
 from saga_es.application import SagaApplication
 from saga_es.bench import bench_command
 from saga_es.definition import SagaDefinition
-from saga_es.errors import ConfigurationError, DefinitionNotFound, SagaError
+from saga_es.errors import ConfigurationError, DefinitionNotFound, SagaError, SagaNotFound
 from saga_es.machine import STATES
 from saga_es.timeline import render
 
@@ -302,21 +303,23 @@ def _show_tree(app: SagaApplication, console: Console, saga: Saga, depth: int) -
         raise app.unreadable(saga.id, e) from e
     console.print(Padding(render(saga, events), (0, 0, 0, 4 * depth)))
     console.print(Padding(f"  context: {saga.context_state}", (0, 0, 0, 4 * depth)))
-    for step, child in _children(app, saga, events):
+    for step, child in _children(app, events):
         link = f"  └─ step {step!r} ran child saga {child.id}:"
         console.print(Padding(link, (1, 0, 0, 4 * depth)))
         _show_tree(app, console, child, depth + 1)
 
 
-def _children(app: SagaApplication, saga: Saga, events: list[Saga.Event]) -> list[tuple[str, Saga]]:
-    """The sagas the parent's steps started: keyed `<parent id>:<step>`, found by that key."""
-    steps = dict.fromkeys(e.step for e in events if isinstance(e, Saga.StepStarted))
+def _children(app: SagaApplication, events: list[Saga.Event]) -> list[tuple[str, Saga]]:
+    """The sagas the parent's steps started, as their `StepStarted` events name them."""
+    started = {
+        e.step: e.child_saga_id
+        for e in events
+        if isinstance(e, Saga.StepStarted) and e.child_saga_id is not None
+    }
     found = []
-    for step in steps:
-        for row in app.sagas(key=f"{saga.id}:{step}"):
-            child = app.get(row.saga_id)
-            if child.parent_saga_id == str(saga.id):  # not a saga that merely took such a key
-                found.append((step, child))
+    for step, child_id in started.items():
+        with contextlib.suppress(SagaNotFound):  # the parent died before the child's first event
+            found.append((step, app.get(child_id)))
     return found
 
 
@@ -635,9 +638,9 @@ def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
         try:
             return _chosen_class()(env=env)
         except ConfigurationError as e:
-            log.warning("cannot reach the store (%s); retrying in %.1fs", e, delay)
-        stop.wait(delay)
-        delay = min(delay * 2, recovery.STORE_RETRY_MAX)
+            following = recovery.store_unreachable(e, delay)
+            stop.wait(delay)
+            delay = following
     return None
 
 
