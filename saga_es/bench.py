@@ -153,6 +153,12 @@ class StoreResult:
     floor_rounds: list[float] = field(default_factory=list)
     floor_transactions_per_round: int = 0
     bytes_per_event: float = 0.0
+    store_ms_per_saga: float | None = None
+    """Median, per saga, of the time spent inside the recorder's `insert_events` calls."""
+    python_ms_per_saga: float | None = None
+    """The rest of a saga's time (saga_es, eventsourcing and the mapper): where a gap lies."""
+    floor_ms_per_saga: float | None = None
+    store_rounds: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
 
@@ -282,19 +288,25 @@ ASYNC_SAGA = SagaDefinition("bench_async", [Step(f"step{i}", _anoop) for i in ra
 class _CommitCounter:
     """Counts the recorder's insert transactions (one per `insert_events` call that returns).
 
-    While `sizing`, it also sums what the events weigh (for the floor's row size); the
-    timed rounds only count, so the wrapper costs the sagas next to nothing.
+    It also sums the seconds spent inside those calls, which splits a saga's time
+    between the store and the Python around it. While `sizing`, it also sums what the
+    events weigh (for the floor's row size); the timed rounds only count and time, so
+    the wrapper costs the sagas next to nothing.
     """
 
     def __init__(self, recorder: ApplicationRecorder) -> None:
         self.commits = 0
+        self.seconds = 0.0
         self.sizing = True
         self.events = 0
         self.state_bytes = 0
         insert = recorder.insert_events
+        clock = time.perf_counter
 
         def counted(stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+            started = clock()
             ids = insert(stored_events, **kwargs)
+            self.seconds += clock() - started
             self.commits += 1
             if self.sizing:
                 self.events += len(stored_events)
@@ -524,11 +536,16 @@ def _bench_store(
                 seconds = floor.transactions(result.floor_transactions_per_round, payload)
                 result.floor_rounds.append(sagas / seconds)
             progress(f"{store}: round {r}/{rounds}: sagas")
+            counter.seconds = 0.0
             result.saga_rounds.append(sagas / _run_sagas(app, sagas))
+            result.store_rounds.append(counter.seconds / sagas * 1000)
         result.commits_per_saga = counter.commits / (sagas * rounds)
     result.sagas_per_s = statistics.median(result.saga_rounds)
+    result.store_ms_per_saga = statistics.median(result.store_rounds)
+    result.python_ms_per_saga = 1000 / result.sagas_per_s - result.store_ms_per_saga
     if result.floor_rounds:
         result.floor_per_s = statistics.median(result.floor_rounds)
+        result.floor_ms_per_saga = 1000 / result.floor_per_s
         result.ratio = result.sagas_per_s / result.floor_per_s
         result.target = f">= {RATIO_TARGET}x floor"
         result.met = result.ratio >= RATIO_TARGET
@@ -1008,6 +1025,7 @@ def render(result: BenchResult, console: Console) -> None:
             extra = ", ".join(f"{k}={v}" for k, v in s.settings.items())
             line = f"{s.store}: recorder {s.recorder}" + (f" ({extra})" if extra else "")
             console.print(line, highlight=False)
+            console.print(f"  {_split(s)}", highlight=False)
     if result.recovery:
         recovery_table = Table(
             title=f"recovery: interrupted {result.steps}-step sagas (step {INTERRUPTED_AT} in "
@@ -1039,6 +1057,22 @@ def render(result: BenchResult, console: Console) -> None:
         _render_workers(result.workers, console)
     if result.memory is not None:
         _render_memory(result.memory, console)
+
+
+def _split(s: StoreResult) -> str:
+    """Where a saga's time goes: in the store's insert calls, against the floor's commits."""
+    if s.sagas_per_s is None or s.store_ms_per_saga is None or s.python_ms_per_saga is None:
+        return ""
+    commits = "-" if s.commits_per_saga is None else f"{s.commits_per_saga:.0f}"
+    floor = (
+        ""
+        if s.floor_ms_per_saga is None
+        else f" (the floor's {commits} commits: {s.floor_ms_per_saga:.2f} ms)"
+    )
+    return (
+        f"{1000 / s.sagas_per_s:.2f} ms a saga: {s.store_ms_per_saga:.2f} ms inside "
+        f"insert_events{floor}, {s.python_ms_per_saga:.2f} ms in the Python around it"
+    )
 
 
 def _verdict(met: bool | None) -> str:

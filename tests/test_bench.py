@@ -82,6 +82,17 @@ def _assert_durable(figures: dict[str, Any]) -> None:
     assert figures["floor_transactions_per_round"] == 6 * 3
     assert figures["ratio"] == pytest.approx(figures["sagas_per_s"] / figures["floor_per_s"])
     assert isinstance(figures["met"], bool)
+    assert figures["floor_ms_per_saga"] == pytest.approx(1000 / figures["floor_per_s"])
+    _assert_split(figures)
+
+
+def _assert_split(figures: dict[str, Any]) -> None:
+    """A saga's time splits into the store's insert calls and the Python around them."""
+    assert len(figures["store_rounds"]) == len(figures["saga_rounds"])
+    assert 0 < figures["store_ms_per_saga"] < 1000 / figures["sagas_per_s"]
+    assert figures["store_ms_per_saga"] + figures["python_ms_per_saga"] == pytest.approx(
+        1000 / figures["sagas_per_s"]
+    )
 
 
 def test_bench_on_popo_and_sqlite_writes_the_figures(tmp_path: Path) -> None:
@@ -99,13 +110,14 @@ def test_bench_on_popo_and_sqlite_writes_the_figures(tmp_path: Path) -> None:
     assert popo["ratio"] is None
     assert popo["sagas_per_s"] > 0
     assert len(popo["saga_rounds"]) == 2
+    _assert_split(popo)
 
     sqlite = stores["sqlite"]
     _assert_durable(sqlite)
     assert sqlite["recorder"] == "saga_es.sqlite.SQLiteWriterRecorder"
     assert sqlite["settings"] == {"journal_mode": "wal", "synchronous": "FULL"}
 
-    for name in ("popo", "sqlite", "saga/floor", "commits/saga"):
+    for name in ("popo", "sqlite", "saga/floor", "commits/saga", "inside insert_events"):
         assert name in result.output
 
 
