@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, DomainEvent, _check_explicit_topic_is_registered
 
 from saga_es import machine
 from saga_es.context import State, apply_diff, from_state
@@ -696,7 +696,36 @@ class Saga(Aggregate):
 
     def _move(self, event_class: type[Saga.Event], **data: Any) -> None:
         to_state = machine.check(self, event_class.trigger, data)
-        self.trigger_event(event_class, to_state=to_state, **data)
+        layout = _layout(event_class)
+        originator_id = self.id
+        if layout is None or type(originator_id) is not UUID:
+            self.trigger_event(event_class, to_state=to_state, **data)
+            return
+        # What `trigger_event` builds, without its per-event topic lookup and the frozen
+        # dataclass __init__: the same fields, in the order __init__ would set them.
+        state = {
+            "originator_id": originator_id,
+            "originator_version": self.version + 1,
+            "timestamp": event_class.create_timestamp(),
+            "to_state": to_state,
+        }
+        given = 0
+        for name, default in layout:
+            if name in data:
+                state[name] = data[name]
+                given += 1
+            elif default is _REQUIRED:
+                break
+            else:
+                state[name] = default
+        else:
+            if given == len(data):
+                event = object.__new__(event_class)
+                object.__setattr__(event, "__dict__", state)
+                event.mutate(self)
+                self.pending_events.append(event)
+                return
+        self.trigger_event(event_class, to_state=to_state, **data)  # raises its TypeError
 
     # -- reading ---------------------------------------------------------------------
 
@@ -734,6 +763,37 @@ class Saga(Aggregate):
     def step_key(self, step: str) -> str:
         """The idempotency key of `step` in this saga: the same on every attempt."""
         return f"{self.id}:{step}"
+
+
+_REQUIRED: Any = dataclasses.MISSING
+_LAYOUTS: dict[type, tuple[tuple[str, Any], ...] | None] = {}
+"""Per event class (so bounded by the classes defined): see `_layout`."""
+_BASE_FIELDS_ORDER = ("originator_id", "originator_version", "timestamp", "to_state")
+
+
+def _layout(event_class: type[Saga.Event]) -> tuple[tuple[str, Any], ...] | None:
+    """The payload fields after `to_state`, each with its default, if `_move` may fill them.
+
+    None when `__init__` does more than assign fields (a default factory, a field kept
+    out of `__init__`, another `__post_init__`): then events are built by `__init__`.
+    The explicit topic is checked here once, rather than on every event.
+    """
+    try:
+        return _LAYOUTS[event_class]
+    except KeyError:
+        pass
+    fields = dataclasses.fields(event_class)
+    plain = (
+        tuple(f.name for f in fields[:4]) == _BASE_FIELDS_ORDER
+        and all(f.init and f.default_factory is dataclasses.MISSING for f in fields)
+        and event_class.__post_init__ is DomainEvent.__post_init__
+        and event_class.__name__ != "Event"
+    )
+    layout = tuple((f.name, f.default) for f in fields[4:]) if plain else None
+    if layout is not None:
+        _check_explicit_topic_is_registered(event_class)
+    _LAYOUTS[event_class] = layout
+    return layout
 
 
 class _Unborn:
