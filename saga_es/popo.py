@@ -61,8 +61,9 @@ class POPOSagaRecorder(POPOApplicationRecorder):
         if not stored_events:
             return None
         originator_id = stored_events[0].originator_id
-        if any(s.originator_id is not originator_id for s in stored_events):
-            return None
+        for s in stored_events:
+            if s.originator_id is not originator_id:
+                return None
         return self._stored_events_index[str(originator_id)]
 
     def _write_status_rows(self, kwargs: dict[str, Any]) -> None:
