@@ -14,7 +14,12 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, DomainEvent, _check_explicit_topic_is_registered
+from eventsourcing.domain import (
+    Aggregate,
+    CanMutateAggregate,
+    DomainEvent,
+    _check_explicit_topic_is_registered,
+)
 
 from saga_es import machine
 from saga_es.context import State, apply_diff, from_state
@@ -703,10 +708,12 @@ class Saga(Aggregate):
             return
         # What `trigger_event` builds, without its per-event topic lookup and the frozen
         # dataclass __init__: the same fields, in the order __init__ would set them.
+        version = self.version + 1
+        timestamp = event_class.create_timestamp()
         state = {
             "originator_id": originator_id,
-            "originator_version": self.version + 1,
-            "timestamp": event_class.create_timestamp(),
+            "originator_version": version,
+            "timestamp": timestamp,
             "to_state": to_state,
         }
         given = 0
@@ -722,7 +729,9 @@ class Saga(Aggregate):
             if given == len(data):
                 event = object.__new__(event_class)
                 object.__setattr__(event, "__dict__", state)
-                event.mutate(self)
+                event.apply(self)  # `mutate`, less its checks of the id and version set above
+                self.version = version
+                self.modified_on = timestamp
                 self.pending_events.append(event)
                 return
         self.trigger_event(event_class, to_state=to_state, **data)  # raises its TypeError
@@ -775,7 +784,8 @@ def _layout(event_class: type[Saga.Event]) -> tuple[tuple[str, Any], ...] | None
     """The payload fields after `to_state`, each with its default, if `_move` may fill them.
 
     None when `__init__` does more than assign fields (a default factory, a field kept
-    out of `__init__`, another `__post_init__`): then events are built by `__init__`.
+    out of `__init__`, another `__post_init__`) or `mutate` is not eventsourcing's: then
+    events are built by `__init__` and applied by `mutate`.
     The explicit topic is checked here once, rather than on every event.
     """
     try:
@@ -787,6 +797,7 @@ def _layout(event_class: type[Saga.Event]) -> tuple[tuple[str, Any], ...] | None
         tuple(f.name for f in fields[:4]) == _BASE_FIELDS_ORDER
         and all(f.init and f.default_factory is dataclasses.MISSING for f in fields)
         and event_class.__post_init__ is DomainEvent.__post_init__
+        and event_class.mutate is CanMutateAggregate.mutate
         and event_class.__name__ != "Event"
     )
     layout = tuple((f.name, f.default) for f in fields[4:]) if plain else None
