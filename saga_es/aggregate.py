@@ -20,6 +20,7 @@ from eventsourcing.domain import (
     DomainEvent,
     _check_explicit_topic_is_registered,
 )
+from eventsourcing.utils import get_topic
 
 from saga_es import machine
 from saga_es.context import State, apply_diff, from_state
@@ -539,24 +540,35 @@ class Saga(Aggregate):
         `children` maps each step that runs a child saga to that saga's definition name.
         """
         to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})
-        return cls._create(
-            cls.SagaStarted,
-            id=id,
-            to_state=to_state,
-            name=name,
-            definition_version=definition_version,
-            steps=steps,
-            compensable=compensable,
-            key=key,
-            context_type=context_type,
-            context=context,
-            parallel=parallel or [],
-            fallback_compensable=fallback_compensable or [],
-            deadline=deadline,
-            parent_saga_id=parent_saga_id,
-            parent_step=parent_step,
-            children=children or {},
-        )
+        payload = {
+            "to_state": to_state,
+            "name": name,
+            "definition_version": definition_version,
+            "steps": steps,
+            "compensable": compensable,
+            "key": key,
+            "context_type": context_type,
+            "context": context,
+            "parallel": parallel or [],
+            "fallback_compensable": fallback_compensable or [],
+            "deadline": deadline,
+            "parent_saga_id": parent_saga_id,
+            "parent_step": parent_step,
+            "children": children or {},
+        }
+        header = {
+            "originator_id": id,
+            "originator_version": cls.INITIAL_VERSION,
+            "timestamp": cls.SagaStarted.create_timestamp(),
+            "originator_topic": get_topic(cls),
+        }
+        event = _build(cls.SagaStarted, header, payload)
+        if event is None:
+            return cls._create(cls.SagaStarted, id=id, **payload)
+        saga = event.mutate(None)  # what `_create` does with the event it builds
+        assert isinstance(saga, cls)
+        saga.pending_events.append(event)
+        return saga
 
     def start_step(self, step: str, attempt: int, *, fallback: bool = False) -> None:
         """Record, ahead of running it, that `step`'s action (or fallback) is about to run."""
@@ -701,40 +713,22 @@ class Saga(Aggregate):
 
     def _move(self, event_class: type[Saga.Event], **data: Any) -> None:
         to_state = machine.check(self, event_class.trigger, data)
-        layout = _layout(event_class)
-        originator_id = self.id
-        if layout is None or type(originator_id) is not UUID:
-            self.trigger_event(event_class, to_state=to_state, **data)
-            return
-        # What `trigger_event` builds, without its per-event topic lookup and the frozen
-        # dataclass __init__: the same fields, in the order __init__ would set them.
         version = self.version + 1
         timestamp = event_class.create_timestamp()
-        state = {
-            "originator_id": originator_id,
+        header = {
+            "originator_id": self.id,
             "originator_version": version,
             "timestamp": timestamp,
             "to_state": to_state,
         }
-        given = 0
-        for name, default in layout:
-            if name in data:
-                state[name] = data[name]
-                given += 1
-            elif default is _REQUIRED:
-                break
-            else:
-                state[name] = default
-        else:
-            if given == len(data):
-                event = object.__new__(event_class)
-                object.__setattr__(event, "__dict__", state)
-                event.apply(self)  # `mutate`, less its checks of the id and version set above
-                self.version = version
-                self.modified_on = timestamp
-                self.pending_events.append(event)
-                return
-        self.trigger_event(event_class, to_state=to_state, **data)  # raises its TypeError
+        event = _build(event_class, header, data)
+        if event is None or event_class.mutate is not CanMutateAggregate.mutate:
+            self.trigger_event(event_class, to_state=to_state, **data)  # or its TypeError
+            return
+        event.apply(self)  # `mutate`, less its checks of the id and version set above
+        self.version = version
+        self.modified_on = timestamp
+        self.pending_events.append(event)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -774,19 +768,19 @@ class Saga(Aggregate):
         return f"{self.id}:{step}"
 
 
-_REQUIRED: Any = dataclasses.MISSING
-_LAYOUTS: dict[type, tuple[tuple[str, Any], ...] | None] = {}
+_MISSING: Any = dataclasses.MISSING
+_Field = tuple[str, Any, Any]
+"""A field's name, its default and its default factory (`_MISSING` where it has none)."""
+_LAYOUTS: dict[type, tuple[_Field, ...] | None] = {}
 """Per event class (so bounded by the classes defined): see `_layout`."""
-_BASE_FIELDS_ORDER = ("originator_id", "originator_version", "timestamp", "to_state")
 
 
-def _layout(event_class: type[Saga.Event]) -> tuple[tuple[str, Any], ...] | None:
-    """The payload fields after `to_state`, each with its default, if `_move` may fill them.
+def _layout(event_class: type[Saga.Event]) -> tuple[_Field, ...] | None:
+    """The fields of `event_class`, in the order its `__init__` sets them.
 
-    None when `__init__` does more than assign fields (a default factory, a field kept
-    out of `__init__`, another `__post_init__`) or `mutate` is not eventsourcing's: then
-    events are built by `__init__` and applied by `mutate`.
-    The explicit topic is checked here once, rather than on every event.
+    None when `__init__` does more than assign fields and fill in defaults (a field
+    kept out of `__init__`, another `__post_init__`): then events are built by
+    `__init__`. The explicit topic is checked here once, rather than on every event.
     """
     try:
         return _LAYOUTS[event_class]
@@ -794,17 +788,46 @@ def _layout(event_class: type[Saga.Event]) -> tuple[tuple[str, Any], ...] | None
         pass
     fields = dataclasses.fields(event_class)
     plain = (
-        tuple(f.name for f in fields[:4]) == _BASE_FIELDS_ORDER
-        and all(f.init and f.default_factory is dataclasses.MISSING for f in fields)
+        all(f.init for f in fields)
         and event_class.__post_init__ is DomainEvent.__post_init__
-        and event_class.mutate is CanMutateAggregate.mutate
         and event_class.__name__ != "Event"
     )
-    layout = tuple((f.name, f.default) for f in fields[4:]) if plain else None
+    layout = tuple((f.name, f.default, f.default_factory) for f in fields) if plain else None
     if layout is not None:
         _check_explicit_topic_is_registered(event_class)
     _LAYOUTS[event_class] = layout
     return layout
+
+
+def _build(
+    event_class: type[Saga.Event], header: dict[str, Any], data: dict[str, Any]
+) -> Saga.Event | None:
+    """The event `event_class(**header, **data)` builds, without its frozen `__init__`.
+
+    None where the general path must build it (or raise its `TypeError`).
+    """
+    layout = _layout(event_class)
+    if layout is None or type(header["originator_id"]) is not UUID:
+        return None
+    state: dict[str, Any] = {}
+    given = 0
+    for name, default, factory in layout:
+        if name in header:
+            state[name] = header[name]
+        elif name in data:
+            state[name] = data[name]
+            given += 1
+        elif default is not _MISSING:
+            state[name] = default
+        elif factory is not _MISSING:
+            state[name] = factory()
+        else:
+            return None  # a required field is missing
+    if given != len(data) or not header.keys() <= state.keys():  # an unknown or repeated name
+        return None
+    event = object.__new__(event_class)
+    object.__setattr__(event, "__dict__", state)
+    return event
 
 
 class _Unborn:

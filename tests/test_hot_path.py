@@ -234,14 +234,38 @@ def test_events_built_by_move_are_those_eventsourcings_init_builds() -> None:
         }
         mapper = app.mapper
         for event in app.built:
-            if isinstance(event, Saga.SagaStarted):
-                continue
-            assert _layout(type(event)) is not None, type(event).__name__  # built by `_move`
+            assert _layout(type(event)) is not None, type(event).__name__  # built by `_build`
             by_init = type(event)(**vars(event))
             assert list(vars(by_init).items()) == list(vars(event).items())
             stored = mapper.to_stored_event(event)
             assert stored == mapper.to_stored_event(by_init)
             assert mapper.to_domain_event(stored) == event
+
+
+def test_a_started_saga_is_the_one_create_makes() -> None:
+    payload: dict[str, Any] = {
+        "name": "s",
+        "definition_version": 2,
+        "steps": ["a", "b"],
+        "compensable": ["a"],
+        "key": "k",
+        "context_type": "builtins:dict",
+        "context": {"at": AT, "n": 1},
+        "parallel": [["a", "b"]],
+        "fallback_compensable": [],
+        "deadline": AT,
+        "parent_saga_id": None,
+        "parent_step": None,
+        "children": {"b": "child"},
+    }
+    saga_id = uuid4()
+    saga = Saga.start(id=saga_id, **payload)
+    (event,) = saga.pending_events
+    created = Saga._create(
+        Saga.SagaStarted, id=saga_id, to_state="pending", timestamp=event.timestamp, **payload
+    )
+    assert vars(saga) == vars(created)
+    assert list(vars(event).items()) == list(vars(created.pending_events[0]).items())
 
 
 def test_move_fills_in_defaults_as_init_does() -> None:
