@@ -773,6 +773,8 @@ _Field = tuple[str, Any, Any]
 """A field's name, its default and its default factory (`_MISSING` where it has none)."""
 _LAYOUTS: dict[type, tuple[_Field, ...] | None] = {}
 """Per event class (so bounded by the classes defined): see `_layout`."""
+_NAMES: dict[type, list[str]] = {}
+"""The field names of each event class that has a layout, in order."""
 
 
 def _layout(event_class: type[Saga.Event]) -> tuple[_Field, ...] | None:
@@ -795,6 +797,7 @@ def _layout(event_class: type[Saga.Event]) -> tuple[_Field, ...] | None:
     layout = tuple((f.name, f.default, f.default_factory) for f in fields) if plain else None
     if layout is not None:
         _check_explicit_topic_is_registered(event_class)
+        _NAMES[event_class] = [name for name, _, _ in layout]
     _LAYOUTS[event_class] = layout
     return layout
 
@@ -809,7 +812,13 @@ def _build(
     layout = _layout(event_class)
     if layout is None or type(header["originator_id"]) is not UUID:
         return None
-    state: dict[str, Any] = {}
+    state = header | data
+    if len(state) == len(header) + len(data) and list(state) == _NAMES[event_class]:
+        # The usual case: every field given once, in order.
+        event = object.__new__(event_class)
+        object.__setattr__(event, "__dict__", state)
+        return event
+    state = {}
     given = 0
     for name, default, factory in layout:
         if name in header:

@@ -35,10 +35,12 @@ class POPOSagaRecorder(POPOApplicationRecorder):
         if positions is None:
             super()._assert_uniqueness(stored_events, **kwargs)
             return
+        versions = set()
         for s in stored_events:
             if s.originator_version in positions:
                 raise IntegrityError(f"Stored event already recorded: {s}")
-        if len({s.originator_version for s in stored_events}) < len(stored_events):
+            versions.add(s.originator_version)
+        if len(versions) < len(stored_events):
             raise IntegrityError(f"Stored events are not unique: {stored_events}")
 
     def _update_table(

@@ -268,6 +268,16 @@ def test_a_started_saga_is_the_one_create_makes() -> None:
     assert list(vars(event).items()) == list(vars(created.pending_events[0]).items())
 
 
+def test_move_keeps_the_saga_s_own_id_and_version() -> None:
+    with SagaApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}) as app:
+        saga = app._start(STORIES[0], {}, None)
+        fields = {"step": "a", "attempt": 1, "changes": {}, "removed": [], "result": None}
+        saga._move(Saga.StepCompleted, originator_id=uuid4(), originator_version=9, **fields)
+        event = saga.pending_events[-1]
+        assert (event.originator_id, event.originator_version) == (saga.id, saga.version)
+        assert saga.version == 3
+
+
 def test_move_fills_in_defaults_as_init_does() -> None:
     with SagaApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}) as app:
         saga = app._start(STORIES[0], {}, None, begin=False)
@@ -281,6 +291,9 @@ def test_move_fills_in_defaults_as_init_does() -> None:
 _GIVEN = {"originator_id", "originator_version", "timestamp", "to_state", "step", "attempt"}
 
 
+_DONE: dict[str, Any] = {"step": "a", "attempt": 1, "changes": {}, "removed": []}
+
+
 def test_move_refuses_what_init_refuses_and_appends_nothing() -> None:
     with SagaApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}) as app:
         saga = app._start(STORIES[0], {}, None)
@@ -288,7 +301,9 @@ def test_move_refuses_what_init_refuses_and_appends_nothing() -> None:
         with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
             saga._move(Saga.StepCompleted, step="a", attempt=1, bogus=1)
         with pytest.raises(TypeError, match="missing 1 required positional argument: 'result'"):
-            saga._move(Saga.StepCompleted, step="a", attempt=1, changes={}, removed=[])
+            saga._move(Saga.StepCompleted, **_DONE)
+        with pytest.raises(TypeError, match="multiple values for keyword argument 'to_state'"):
+            saga._move(Saga.StepCompleted, to_state="x", **{**_DONE, "result": None})
         assert (saga.version, len(saga.pending_events)) == before
 
 
