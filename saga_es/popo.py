@@ -28,9 +28,11 @@ class POPOSagaRecorder(POPOApplicationRecorder):
     def __init__(self) -> None:
         super().__init__()
         self._statuses: dict[UUID, SagaStatus] = {}
+        self._last_positions: tuple[object, dict[int, int]] = (None, {})
+        """The last saga id saved (the object) and its index: a saga saves again and again."""
 
     def _assert_uniqueness(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        """The checks of eventsourcing; one saga's id is made a str once per save, not per event."""
+        """The checks of eventsourcing; one saga's id is made a str once, not twice per event."""
         positions = self._positions_of_one(stored_events)
         if positions is None:
             super()._assert_uniqueness(stored_events, **kwargs)
@@ -66,7 +68,11 @@ class POPOSagaRecorder(POPOApplicationRecorder):
         for s in stored_events:
             if s.originator_id is not originator_id:
                 return None
-        return self._stored_events_index[str(originator_id)]
+        last_id, positions = self._last_positions
+        if originator_id is not last_id:
+            positions = self._stored_events_index[str(originator_id)]
+            self._last_positions = (originator_id, positions)
+        return positions
 
     def _write_status_rows(self, kwargs: dict[str, Any]) -> None:
         for row in kwargs.get("saga_statuses", ()):
