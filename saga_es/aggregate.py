@@ -14,7 +14,13 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import (
+    Aggregate,
+    CanMutateAggregate,
+    DomainEvent,
+    _check_explicit_topic_is_registered,
+)
+from eventsourcing.utils import get_topic
 
 from saga_es import machine
 from saga_es.context import State, apply_diff, from_state
@@ -534,24 +540,35 @@ class Saga(Aggregate):
         `children` maps each step that runs a child saga to that saga's definition name.
         """
         to_state = machine.check(_Unborn(id), cls.SagaStarted.trigger, {})
-        return cls._create(
-            cls.SagaStarted,
-            id=id,
-            to_state=to_state,
-            name=name,
-            definition_version=definition_version,
-            steps=steps,
-            compensable=compensable,
-            key=key,
-            context_type=context_type,
-            context=context,
-            parallel=parallel or [],
-            fallback_compensable=fallback_compensable or [],
-            deadline=deadline,
-            parent_saga_id=parent_saga_id,
-            parent_step=parent_step,
-            children=children or {},
-        )
+        payload = {
+            "to_state": to_state,
+            "name": name,
+            "definition_version": definition_version,
+            "steps": steps,
+            "compensable": compensable,
+            "key": key,
+            "context_type": context_type,
+            "context": context,
+            "parallel": parallel or [],
+            "fallback_compensable": fallback_compensable or [],
+            "deadline": deadline,
+            "parent_saga_id": parent_saga_id,
+            "parent_step": parent_step,
+            "children": children or {},
+        }
+        header = {
+            "originator_id": id,
+            "originator_version": cls.INITIAL_VERSION,
+            "timestamp": cls.SagaStarted.create_timestamp(),
+            "originator_topic": get_topic(cls),
+        }
+        event = _build(cls.SagaStarted, header, payload)
+        if event is None:
+            return cls._create(cls.SagaStarted, id=id, **payload)
+        saga = event.mutate(None)  # what `_create` does with the event it builds
+        assert isinstance(saga, cls)
+        saga.pending_events.append(event)
+        return saga
 
     def start_step(self, step: str, attempt: int, *, fallback: bool = False) -> None:
         """Record, ahead of running it, that `step`'s action (or fallback) is about to run."""
@@ -696,7 +713,22 @@ class Saga(Aggregate):
 
     def _move(self, event_class: type[Saga.Event], **data: Any) -> None:
         to_state = machine.check(self, event_class.trigger, data)
-        self.trigger_event(event_class, to_state=to_state, **data)
+        version = self.version + 1
+        timestamp = event_class.create_timestamp()
+        header = {
+            "originator_id": self.id,
+            "originator_version": version,
+            "timestamp": timestamp,
+            "to_state": to_state,
+        }
+        event = _build(event_class, header, data)
+        if event is None or event_class.mutate is not CanMutateAggregate.mutate:
+            self.trigger_event(event_class, to_state=to_state, **data)  # or its TypeError
+            return
+        event.apply(self)  # `mutate`, less its checks of the id and version set above
+        self.version = version
+        self.modified_on = timestamp
+        self.pending_events.append(event)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -734,6 +766,77 @@ class Saga(Aggregate):
     def step_key(self, step: str) -> str:
         """The idempotency key of `step` in this saga: the same on every attempt."""
         return f"{self.id}:{step}"
+
+
+_MISSING: Any = dataclasses.MISSING
+_Field = tuple[str, Any, Any]
+"""A field's name, its default and its default factory (`_MISSING` where it has none)."""
+_LAYOUTS: dict[type, tuple[_Field, ...] | None] = {}
+"""Per event class (so bounded by the classes defined): see `_layout`."""
+_NAMES: dict[type, list[str]] = {}
+"""The field names of each event class that has a layout, in order."""
+
+
+def _layout(event_class: type[Saga.Event]) -> tuple[_Field, ...] | None:
+    """The fields of `event_class`, in the order its `__init__` sets them.
+
+    None when `__init__` does more than assign fields and fill in defaults (a field
+    kept out of `__init__`, another `__post_init__`): then events are built by
+    `__init__`. The explicit topic is checked here once, rather than on every event.
+    """
+    try:
+        return _LAYOUTS[event_class]
+    except KeyError:
+        pass
+    fields = dataclasses.fields(event_class)
+    plain = (
+        all(f.init for f in fields)
+        and event_class.__post_init__ is DomainEvent.__post_init__
+        and event_class.__name__ != "Event"
+    )
+    layout = tuple((f.name, f.default, f.default_factory) for f in fields) if plain else None
+    if layout is not None:
+        _check_explicit_topic_is_registered(event_class)
+        _NAMES[event_class] = [name for name, _, _ in layout]
+    _LAYOUTS[event_class] = layout
+    return layout
+
+
+def _build(
+    event_class: type[Saga.Event], header: dict[str, Any], data: dict[str, Any]
+) -> Saga.Event | None:
+    """The event `event_class(**header, **data)` builds, without its frozen `__init__`.
+
+    None where the general path must build it (or raise its `TypeError`).
+    """
+    layout = _layout(event_class)
+    if layout is None or type(header["originator_id"]) is not UUID:
+        return None
+    state = header | data
+    if len(state) == len(header) + len(data) and list(state) == _NAMES[event_class]:
+        # The usual case: every field given once, in order.
+        event = object.__new__(event_class)
+        object.__setattr__(event, "__dict__", state)
+        return event
+    state = {}
+    given = 0
+    for name, default, factory in layout:
+        if name in header:
+            state[name] = header[name]
+        elif name in data:
+            state[name] = data[name]
+            given += 1
+        elif default is not _MISSING:
+            state[name] = default
+        elif factory is not _MISSING:
+            state[name] = factory()
+        else:
+            return None  # a required field is missing
+    if given != len(data) or not header.keys() <= state.keys():  # an unknown or repeated name
+        return None
+    event = object.__new__(event_class)
+    object.__setattr__(event, "__dict__", state)
+    return event
 
 
 class _Unborn:

@@ -616,8 +616,7 @@ class SagaApplication(Application[UUID]):
     def _snapshot_due(self, events: Sequence[Saga.Event]) -> bool:
         interval = self.snapshotting_intervals.get(Saga)
         return bool(self.snapshots and interval) and any(
-            e.originator_version % interval == 0  # type: ignore[operator]
-            for e in events
+            [e.originator_version % interval == 0 for e in events]  # type: ignore[operator]
         )
 
     @functools.cached_property
@@ -648,7 +647,8 @@ class SagaApplication(Application[UUID]):
         listens to saves (the `notify` hooks, an aggregate cache) and no snapshot is due,
         it hands the stored events straight to the recorder.
         """
-        if self._lean_saves and not any(self._snapshot_due(events) for _, events in batch):
+        snapshot_due = self._snapshot_due
+        if self._lean_saves and not any([snapshot_due(events) for _, events in batch]):
             to_stored_event = self.mapper.to_stored_event
             stored = [to_stored_event(e) for _, events in batch for e in events]
             if self._keeps_statuses:
@@ -1135,11 +1135,12 @@ def _log_events(batch: Sequence[tuple[Saga, Sequence[Saga.Event]]]) -> None:
 
     A saga's end is INFO, a failure WARNING, a stuck saga ERROR, every other event DEBUG.
     """
+    debug = log.isEnabledFor(logging.DEBUG)  # once per batch: most events are DEBUG
     for saga, events in batch:
         for event in events:
             name = type(event).__name__
             level = _LEVELS.get(name, logging.DEBUG)
-            if not log.isEnabledFor(level):
+            if (level == logging.DEBUG and not debug) or not log.isEnabledFor(level):
                 continue
             data = vars(event)
             step, attempt = data.get("step"), data.get("attempt")

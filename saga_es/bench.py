@@ -1526,7 +1526,7 @@ def bench_query(sagas: int, progress: Callable[[str], None]) -> dict[str, Any]:
 _PARTS = (
     ("state machine", ("saga_es/machine.py", "transitions/")),
     ("events: creation and apply", ("saga_es/aggregate.py", "eventsourcing/domain.py")),
-    ("transcoding", ("json/", "eventsourcing/persistence.py")),
+    ("transcoding", ("json/", "eventsourcing/persistence.py", "saga_es/context.py:encode")),
     ("save: recorder and status row", ("saga_es/popo.py", "eventsourcing/popo.py", "status.py")),
     ("runner decisions", ("saga_es/runner.py",)),
     ("definition lookup", ("saga_es/definition.py",)),
@@ -1555,9 +1555,10 @@ def profile_hot_path(sagas: int) -> list[tuple[str, float, float]]:
     _run_sagas(app, sagas)
     profiler.disable()
     times: dict[str, float] = {}
-    for (path, _, _name), row in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+    for (path, _, name), row in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        where = f"{path}:{name}"  # a part is a file, or a function in one (`file.py:name`)
         part = next(
-            (label for label, paths in _PARTS if any(p in path for p in paths)),
+            (label for label, paths in _PARTS if any(p in where for p in paths)),
             "builtins and the rest" if path == "~" else "other Python",
         )
         times[part] = times.get(part, 0.0) + row[2]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+import json.encoder
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from eventsourcing.persistence import JSONTranscoder, Transcoding
@@ -36,6 +37,8 @@ class SagaTranscoder(JSONTranscoder):
     def __init__(self) -> None:
         super().__init__()
         self._natives: set[type] = set()
+        self._encoder_seen = self.encoder
+        self._encode_fast = _one_shot_encoder(self.encoder)
 
     def register(self, transcoding: Transcoding) -> None:
         """Register `transcoding`; remember its type if `json` would take it natively."""
@@ -47,7 +50,12 @@ class SagaTranscoder(JSONTranscoder):
         """Encode `obj`, applying the transcodings that `json` alone would skip."""
         if self._natives:
             obj = self._transcode_natives(obj)
-        return super().encode(obj)
+        if self._encode_fast is None or self.encoder is not self._encoder_seen:
+            return super().encode(obj)
+        try:
+            return "".join(self._encode_fast(obj, 0)).encode("utf8")
+        except RecursionError:  # a cycle, or very deep data: let `json` say which
+            return super().encode(obj)
 
     def _transcode_natives(self, obj: Any) -> Any:
         kind = type(obj)
@@ -60,6 +68,29 @@ class SagaTranscoder(JSONTranscoder):
         if kind is list or kind is tuple:
             return [self._transcode_natives(v) for v in obj]
         return obj
+
+
+def _one_shot_encoder(encoder: json.JSONEncoder) -> Callable[[Any, int], list[str]] | None:
+    """The C encoder that `encoder.encode` builds on each call, built once: same bytes.
+
+    `JSONEncoder.iterencode` makes a new one per call only to give it a fresh dict of the
+    containers being encoded, which turns a cycle into `ValueError`. Without that dict a
+    cycle recurses until `RecursionError`, which `encode` then hands to the general path.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)  # None without the C accelerator
+    if make is None or encoder.indent is not None or encoder.ensure_ascii:
+        return None
+    return make(
+        None,
+        encoder.default,
+        json.encoder.encode_basestring,
+        None,
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
 
 
 State = dict[str, Any]

@@ -408,26 +408,33 @@ class SagaDefinition:
         self.groups: tuple[tuple[str, ...], ...] = tuple(groups)
         """The members of each `Parallel` group, by name: what `SagaStarted` records."""
         self._by_name = by_name
+        # What every saga's `SagaStarted` records, worked out once (steps are frozen).
+        self._step_names = tuple(s.name for s in flat)
+        self._compensable = tuple(s.name for s in flat if s.compensation is not None)
+        self._fallback_compensable = tuple(
+            s.name for s in flat if s.fallback_compensation is not None
+        )
+        self._children = {s.name: s.children[0].name for s in flat if s.children}
 
     @property
     def compensable(self) -> list[str]:
         """Names of the steps that have a compensation: what `SagaStarted` records."""
-        return [s.name for s in self.steps if s.compensation is not None]
+        return list(self._compensable)
 
     @property
     def children(self) -> dict[str, str]:
         """Each `Step.saga` step, with the name of the definition its child saga runs."""
-        return {s.name: s.children[0].name for s in self.steps if s.children}
+        return dict(self._children)
 
     @property
     def fallback_compensable(self) -> list[str]:
         """Steps whose fallback has a compensation: what `SagaStarted` records."""
-        return [s.name for s in self.steps if s.fallback_compensation is not None]
+        return list(self._fallback_compensable)
 
     @property
     def step_names(self) -> list[str]:
         """The steps' names, in order: what `SagaStarted` records."""
-        return [s.name for s in self.steps]
+        return list(self._step_names)
 
     def step(self, name: str) -> Step:
         """The step called `name`."""

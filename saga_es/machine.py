@@ -507,11 +507,64 @@ _PLAIN = _is_plain(MACHINE)
 _STATES: Mapping[str, Any] = MACHINE.states
 
 
+class _Guarded:
+    """What a guard is handed on the fast path: the probe and the trigger's data.
+
+    The guards above read only these two of transitions' `EventData`; building the
+    whole `EventData` for each check costs more than the guards themselves.
+    """
+
+    __slots__ = ("kwargs", "model")
+
+    def __init__(self, model: _Probe, kwargs: Mapping[str, Any]) -> None:
+        self.model = model
+        self.kwargs = kwargs
+
+
+Moves = tuple[tuple[str, tuple[tuple[Any, bool], ...]], ...]
+
+
+def _moves(fsm: Machine) -> dict[tuple[str, str], Moves]:
+    """Per (trigger, source state): each transition's destination and (guard, target) pairs.
+
+    Read from the machine's own table once, in its order, for `check`; empty unless the
+    machine is plain and every guard is a function (a guard named by a string is
+    resolved on the model by transitions at each trigger).
+    """
+    if not _is_plain(fsm):
+        return {}
+    table: dict[tuple[str, str], Moves] = {}
+    for trigger, event in fsm.events.items():
+        for source, transitions in event.transitions.items():
+            moves = []
+            for transition in transitions:
+                conditions = tuple((c.func, c.target) for c in transition.conditions)
+                if not all(callable(func) for func, _ in conditions):
+                    return {}
+                moves.append((transition.dest or source, conditions))
+            table[trigger, source] = tuple(moves)
+    return table
+
+
+_MOVES = _moves(MACHINE)
+
+
 def check(saga: SagaState, trigger: str, data: Mapping[str, Any]) -> str:
     """The state `trigger` leads `saga` to, or `IllegalTransition` if it is not legal.
 
     Nothing on the saga changes: the caller records the move as an event.
     """
+    moves = _MOVES.get((trigger, saga.status))
+    if moves is not None:
+        probe = _Probe(saga)
+        guarded = _Guarded(probe, data)
+        for to_state, conditions in moves:
+            for condition, target in conditions:
+                if condition(guarded) != target:
+                    break
+            else:
+                return to_state
+        raise IllegalTransition(saga.id, saga.status, trigger, probe.reason)
     event = MACHINE.events.get(trigger)
     if event is None:
         raise IllegalTransition(saga.id, saga.status, trigger, "unknown trigger")

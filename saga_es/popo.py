@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder, POPOProcessRecorder
 
 from saga_es.status import SagaStatus, StatusQuery
@@ -28,14 +28,55 @@ class POPOSagaRecorder(POPOApplicationRecorder):
     def __init__(self) -> None:
         super().__init__()
         self._statuses: dict[UUID, SagaStatus] = {}
+        self._last_positions: tuple[object, dict[int, int]] = (None, {})
+        """The last saga id saved (the object) and its index: a saga saves again and again."""
+
+    def _assert_uniqueness(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        """The checks of eventsourcing; one saga's id is made a str once, not twice per event."""
+        positions = self._positions_of_one(stored_events)
+        if positions is None:
+            super()._assert_uniqueness(stored_events, **kwargs)
+            return
+        versions = set()
+        for s in stored_events:
+            if s.originator_version in positions:
+                raise IntegrityError(f"Stored event already recorded: {s}")
+            versions.add(s.originator_version)
+        if len(versions) < len(stored_events):
+            raise IntegrityError(f"Stored events are not unique: {stored_events}")
 
     def _update_table(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        ids = super()._update_table(stored_events, **kwargs)
+        positions = self._positions_of_one(stored_events)
+        if positions is None:
+            ids = super()._update_table(stored_events, **kwargs)
+        else:
+            table, ids = self._stored_events, []
+            for s in stored_events:
+                table.append(s)
+                positions[s.originator_version] = len(table) - 1
+                ids.append(len(table))
+        self._write_status_rows(kwargs)
+        return ids
+
+    def _positions_of_one(self, stored_events: Sequence[StoredEvent]) -> dict[int, int] | None:
+        """The index of the one saga all `stored_events` belong to (None if not just one)."""
+        if not stored_events:
+            return None
+        originator_id = stored_events[0].originator_id
+        for s in stored_events:
+            if s.originator_id is not originator_id:
+                return None
+        last_id, positions = self._last_positions
+        if originator_id is not last_id:
+            positions = self._stored_events_index[str(originator_id)]
+            self._last_positions = (originator_id, positions)
+        return positions
+
+    def _write_status_rows(self, kwargs: dict[str, Any]) -> None:
         for row in kwargs.get("saga_statuses", ()):
             self._statuses[row.saga_id] = row
-        return ids
 
     def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
@@ -81,4 +122,14 @@ class POPOSagaProcessRecorder(POPOSagaRecorder, POPOProcessRecorder):
 
     A save carrying a tracking record appends the events, the status rows and the tracking
     position under one lock, or none of them (a position already recorded is refused).
+    Events go through eventsourcing's own checks and table, along with the tracking.
     """
+
+    _assert_uniqueness = POPOProcessRecorder._assert_uniqueness
+
+    def _update_table(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = POPOProcessRecorder._update_table(self, stored_events, **kwargs)
+        self._write_status_rows(kwargs)
+        return ids

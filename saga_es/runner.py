@@ -816,7 +816,11 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _is_group(saga: Saga, calls: Sequence[Call]) -> bool:
-    return bool(calls) and calls[0].kind == ACTION and len(saga.group_of(calls[0].step.name)) > 1
+    return (
+        bool(saga.groups and calls)
+        and calls[0].kind == ACTION
+        and len(saga.group_of(calls[0].step.name)) > 1
+    )
 
 
 def _obey(

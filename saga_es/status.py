@@ -41,18 +41,24 @@ class SagaStatus:
 
     @classmethod
     def of(cls, saga: Saga) -> SagaStatus:
-        """The row for `saga` as it is now."""
-        return cls(
-            saga_id=saga.id,
-            name=saga.name,
-            definition_version=saga.definition_version,
-            key=saga.key,
-            status=saga.status,
-            step=saga.step,
-            version=saga.version,
-            started_at=saga.created_on,
-            updated_at=saga.modified_on,
+        """The row for `saga` as it is now (one per save: built as `__init__` would, faster)."""
+        row = object.__new__(cls)
+        object.__setattr__(
+            row,
+            "__dict__",
+            {
+                "saga_id": saga.id,
+                "name": saga.name,
+                "definition_version": saga.definition_version,
+                "key": saga.key,
+                "status": saga.status,
+                "step": saga.step,
+                "version": saga.version,
+                "started_at": saga.created_on,
+                "updated_at": saga.modified_on,
+            },
         )
+        return row
 
 
 def saga_log_fields(saga: Saga) -> dict[str, Any]:

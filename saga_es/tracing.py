@@ -32,12 +32,16 @@ def uninstrument() -> None:
     _tracer = None
 
 
-@contextlib.contextmanager
-def saga_span(saga: Any, operation: str) -> Iterator[None]:
+_OFF = contextlib.nullcontext()
+
+
+def saga_span(saga: Any, operation: str) -> contextlib.AbstractContextManager[None]:
     """A span around one run of a saga (`run`, `arun`, a resumption by recovery or a worker)."""
-    if _tracer is None:
-        yield
-        return
+    return _OFF if _tracer is None else _saga_span(saga, operation)
+
+
+@contextlib.contextmanager
+def _saga_span(saga: Any, operation: str) -> Iterator[None]:
     attributes = {"saga.id": str(saga.id), "saga.name": saga.name, "saga.operation": operation}
     with _tracer.start_as_current_span(f"saga {saga.name}", attributes=attributes) as span:
         yield
