@@ -8,18 +8,14 @@ Events' `apply` only assigns data, so replay runs no machine and no user code.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import (
-    Aggregate,
-    CanMutateAggregate,
-    DomainEvent,
-    _check_explicit_topic_is_registered,
-)
+from eventsourcing import domain as _es_domain
+from eventsourcing.domain import Aggregate, CanMutateAggregate, DomainEvent
 from eventsourcing.utils import get_topic
 
 from saga_es import machine
@@ -768,6 +764,10 @@ class Saga(Aggregate):
         return f"{self.id}:{step}"
 
 
+_CHECK_TOPIC: Callable[[type], None] | None = getattr(
+    _es_domain, "_check_explicit_topic_is_registered", None
+)
+"""eventsourcing's own check of an explicit topic; private, so events take `__init__` without it."""
 _MISSING: Any = dataclasses.MISSING
 _Field = tuple[str, Any, Any]
 """A field's name, its default and its default factory (`_MISSING` where it has none)."""
@@ -790,13 +790,15 @@ def _layout(event_class: type[Saga.Event]) -> tuple[_Field, ...] | None:
         pass
     fields = dataclasses.fields(event_class)
     plain = (
-        all(f.init for f in fields)
+        _CHECK_TOPIC is not None
+        and all(f.init for f in fields)
         and event_class.__post_init__ is DomainEvent.__post_init__
         and event_class.__name__ != "Event"
     )
     layout = tuple((f.name, f.default, f.default_factory) for f in fields) if plain else None
     if layout is not None:
-        _check_explicit_topic_is_registered(event_class)
+        assert _CHECK_TOPIC is not None
+        _CHECK_TOPIC(event_class)
         _NAMES[event_class] = [name for name, _, _ in layout]
     _LAYOUTS[event_class] = layout
     return layout
