@@ -49,7 +49,10 @@ class SagaTranscoder(JSONTranscoder):
     def encode(self, obj: Any) -> bytes:
         """Encode `obj`, applying the transcodings that `json` alone would skip."""
         if self._natives:
-            obj = self._transcode_natives(obj)
+            try:
+                obj = self._transcode_natives(obj)
+            except RecursionError:  # as `json` says it, not a crash
+                raise ValueError("Circular reference detected (or data nested too deep)") from None
         if self._encode_fast is None or self.encoder is not self._encoder_seen:
             return super().encode(obj)
         try:

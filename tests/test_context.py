@@ -430,3 +430,17 @@ def test_registered_transcodings_bring_each_type_back_str_and_int_enums_too(
     finally:
         for app in {first, later}:
             app.close()
+
+
+def test_a_cycle_is_refused_with_the_transcodings_of_json_native_types_registered(
+    env: Env,
+) -> None:
+    app = ShippingSagas(env=env)  # registers str and int enums: the transcoder walks them first
+    try:
+        order: dict[str, Any] = {"priority": Priority.LOW}
+        order["again"] = order
+        with pytest.raises(ContextError, match=r"'again' .*Circular reference detected"):
+            app.submit(SagaDefinition("ship", [Step("book", book)]), order, key="cycle")
+        assert app.sagas(key="cycle") == []
+    finally:
+        app.close()
