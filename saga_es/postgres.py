@@ -56,13 +56,26 @@ from eventsourcing.utils import Environment, TopicError, resolve_topic, retry
 from psycopg import Connection
 from psycopg.errors import DuplicateObject
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Identifier, Literal
 from psycopg.types.composite import register_composite
 from psycopg.types.json import Jsonb
 
 from saga_es.errors import ConfigurationError, persistence_error
 from saga_es.settings import configuration_error
-from saga_es.status import SagaStatus, StatusQuery, where
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus, StatusQuery, where
+
+_IN_FLIGHT = ", ".join(f"'{state}'" for state in IN_FLIGHT_STATES)
+"""The states in flight, as an SQL list."""
+_LIVE_COLUMNS = (
+    "s.saga_id, s.name, s.definition_version, s.key, s.status, "
+    "COALESCE(l.step, s.step) AS step, COALESCE(l.version, s.version) AS version, "
+    "s.started_at, COALESCE(l.updated_at, s.updated_at) AS updated_at"
+)
+"""A status row (`s`) as readers see it: a `live` row's step, version and time from `l`."""
+_LIVE_JOIN = (
+    "LEFT JOIN LATERAL (SELECT * FROM {schema}.{latest}(s.saga_id) WHERE s.live LIMIT 1) l ON true"
+)
+"""The latest events of `s`'s saga, read only when its row is `live`."""
 
 ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
 """What `SagaApplication` sets `APPLICATION_RECORDER_TOPIC` to on PostgreSQL by default."""
@@ -116,6 +129,10 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         schema = Identifier(self.datastore.schema)
         function = Identifier(self.insert_function_name)
         table = Identifier(self.events_table_name)
+        self._add_status_projection()
+        # The status rows change only when a saga starts, changes status or ends: one cheap
+        # query (every saga event in the save already in its row's status, in flight, with
+        # its row `live`) lets the usual boundary, running then running, skip them.
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}"
@@ -129,7 +146,12 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
                 "SELECT originator_id, originator_version, topic, state FROM unnest(events) "
                 "RETURNING notification_id; "
-                "PERFORM {schema}.{status_function}(events); "
+                "IF EXISTS (SELECT FROM unnest(events) n "
+                "LEFT JOIN {schema}.{status} t ON t.saga_id = n.originator_id "
+                "WHERE n.topic LIKE 'saga_es:%' AND substr(n.state, 1, 1) = '\\x7b' "
+                "AND (t.live IS NOT TRUE OR t.status NOT IN (" + _IN_FLIGHT + ") "
+                "OR t.status IS DISTINCT FROM convert_from(n.state, 'UTF8')::jsonb->>'to_state')) "
+                "THEN PERFORM {schema}.{status_function}(events); END IF; "
                 "END; "
                 "$BODY$"
             ).format(
@@ -138,10 +160,10 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 event_type=Identifier(self.stored_event_type_name),
                 table=table,
                 channel=Identifier(self.channel_name),
-                status_function=Identifier(f"{events_table_name}_status_from_events"),
+                status=self._status["status"],
+                status_function=self._status["function"],
             )
         )
-        self._add_status_projection()
         # Rendered once to bytes (psycopg caches the conversion of a bytes query, not of a
         # composed one), with the events dumped in binary: text dumping of a composite array
         # escapes every field through regular expressions, the costliest part of a save.
@@ -173,7 +195,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
     """
 
     def _add_status_projection(self) -> None:
-        """The status table, and the function that derives its rows from saga events."""
+        """The status table, its `_live` view, and the functions that keep and read them."""
         self.status_table_name = f"{self.events_table_name}_status"
         self.check_identifier_length(f"{self.status_table_name}_by_status")
         ids = {
@@ -181,48 +203,82 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "table": Identifier(self.events_table_name),
             "status": Identifier(self.status_table_name),
             "function": Identifier(f"{self.status_table_name}_from_events"),
+            "latest": Identifier(f"{self.status_table_name}_latest"),
+            "live": Identifier(f"{self.status_table_name}_live"),
             "event_type": Identifier(self.stored_event_type_name),
             "id_type": Identifier(self.datastore.originator_id_type),
+            "schema_name": Literal(self.datastore.schema),
+            "status_name": Literal(self.status_table_name),
         }
         self._status = ids
         statements = [
             "CREATE TABLE IF NOT EXISTS {schema}.{status} ("
             "saga_id {id_type} PRIMARY KEY, name text, definition_version integer, key text, "
             "status text, step text, version bigint, started_at timestamptz, "
-            "updated_at timestamptz)",
+            "updated_at timestamptz, live boolean NOT NULL DEFAULT false)",
+            # A table created by an earlier release lacks `live`; ALTER TABLE would lock the
+            # table even when it has it, so it runs only when the column is missing.
+            "DO $DO$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
+            "WHERE table_schema = {schema_name} AND table_name = {status_name} "
+            "AND column_name = 'live') THEN "
+            "ALTER TABLE {schema}.{status} ADD COLUMN live boolean NOT NULL DEFAULT false; "
+            "END IF; END $DO$",
             "CREATE INDEX IF NOT EXISTS {by_status} ON {schema}.{status} "
             "(status, started_at, saga_id)",
             "CREATE INDEX IF NOT EXISTS {by_name} ON {schema}.{status} (name, started_at, saga_id)",
             "CREATE INDEX IF NOT EXISTS {by_key} ON {schema}.{status} (key)",
             "CREATE INDEX IF NOT EXISTS {by_start} ON {schema}.{status} (started_at, saga_id)",
-            # Called by the insert function, in its statement's transaction, once per save,
-            # set-based over the saved rows: each saga's latest event gives its status,
-            # version and time; its latest event naming a step gives the step; a
-            # SagaStarted gives the rest. Only JSON states ('{' first) are read: a ciphered
-            # or compressed state is opaque here.
+            # An in-flight saga as of its stored events, for readers: the status, version
+            # and time of its latest event that names a state, and the step of its latest
+            # event that names one; usually one event, read by the primary key. Only JSON
+            # states ('{' first) are read: a ciphered or compressed state is opaque here.
+            "CREATE OR REPLACE FUNCTION {schema}.{latest}(saga {id_type}, "
+            "OUT status text, OUT step text, OUT version bigint, OUT updated_at timestamptz) "
+            "LANGUAGE plpgsql STABLE AS $BODY$ DECLARE e record; j jsonb; BEGIN "
+            "FOR e IN SELECT originator_version AS v, state FROM {schema}.{table} "
+            "WHERE originator_id = saga AND topic LIKE 'saga_es:%' "
+            "AND substr(state, 1, 1) = '\\x7b' "
+            "ORDER BY originator_version DESC LOOP "
+            "j := convert_from(e.state, 'UTF8')::jsonb; "
+            "IF version IS NULL AND j ? 'to_state' AND j ? 'timestamp' THEN "
+            "status := j->>'to_state'; version := e.v; "
+            "updated_at := (j->'timestamp'->>'_data_')::timestamptz; END IF; "
+            "step := COALESCE(step, j->>'step'); "
+            "EXIT WHEN version IS NOT NULL AND step IS NOT NULL; "
+            "END LOOP; END; $BODY$",
+            # Called by the insert function, in its statement's transaction, when a saved
+            # event may change a row (see `__init__`): set-based over the saved events, each
+            # saga's latest event gives its status, version and time; the latest naming a
+            # step gives the step (else its stored events do); a SagaStarted gives the rest.
+            # Rows already in flight in that status, and `live`, are left alone.
             "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event_type}[]) "
             # plpgsql, not sql: it keeps the statement's plan for the session.
             "RETURNS void LANGUAGE plpgsql AS $BODY$ BEGIN "
-            "WITH saga_rows AS ("
-            "SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
-            "convert_from(n.state, 'UTF8')::jsonb AS s FROM unnest(events) n "
-            "WHERE n.topic LIKE 'saga_es:%' AND get_byte(n.state, 0) = 123), "
-            "latest AS (SELECT DISTINCT ON (id) id, v, s FROM saga_rows "
-            "WHERE s ? 'to_state' AND s ? 'timestamp' ORDER BY id, v DESC), "
-            "steps AS (SELECT DISTINCT ON (id) id, s->>'step' AS step FROM saga_rows "
-            "WHERE s ? 'step' ORDER BY id, v DESC), "
-            "starts AS (SELECT id, s FROM saga_rows WHERE topic = 'saga_es:SagaStarted') "
+            "WITH saved AS (SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
+            "convert_from(n.state, 'UTF8')::jsonb AS j FROM unnest(events) n "
+            "WHERE n.topic LIKE 'saga_es:%' AND substr(n.state, 1, 1) = '\\x7b'), "
+            "latest AS (SELECT DISTINCT ON (id) id, v, j FROM saved "
+            "WHERE j ? 'to_state' AND j ? 'timestamp' ORDER BY id, v DESC) "
             "INSERT INTO {schema}.{status} AS t (saga_id, name, definition_version, key, "
-            "status, step, version, started_at, updated_at) "
-            "SELECT l.id, st.s->>'name', (st.s->>'definition_version')::integer, "
-            "st.s->>'key', l.s->>'to_state', sp.step, l.v, "
-            "(COALESCE(st.s, l.s)->'timestamp'->>'_data_')::timestamptz, "
-            "(l.s->'timestamp'->>'_data_')::timestamptz "
-            "FROM latest l LEFT JOIN starts st USING (id) LEFT JOIN steps sp USING (id) "
+            "status, step, version, started_at, updated_at, live) "
+            "SELECT l.id, st.j->>'name', (st.j->>'definition_version')::integer, "
+            "st.j->>'key', l.j->>'to_state', COALESCE((SELECT p.j->>'step' FROM saved p "
+            "WHERE p.id = l.id AND p.j->>'step' IS NOT NULL ORDER BY p.v DESC LIMIT 1), "
+            "(SELECT p.step FROM {schema}.{latest}(l.id) p)), l.v, "
+            "(COALESCE(st.j, l.j)->'timestamp'->>'_data_')::timestamptz, "
+            "(l.j->'timestamp'->>'_data_')::timestamptz, "
+            "(l.j->>'to_state') IN (" + _IN_FLIGHT + ") "
+            "FROM latest l LEFT JOIN {schema}.{status} o ON o.saga_id = l.id "
+            "LEFT JOIN saved st ON st.id = l.id AND st.topic = 'saga_es:SagaStarted' "
+            "WHERE o.live IS NOT TRUE OR o.status NOT IN (" + _IN_FLIGHT + ") "
+            "OR o.status IS DISTINCT FROM l.j->>'to_state' "
             "ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status, "
             "step = COALESCE(EXCLUDED.step, t.step), version = EXCLUDED.version, "
-            "updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version; "
+            "updated_at = EXCLUDED.updated_at, live = EXCLUDED.live "
+            "WHERE t.version < EXCLUDED.version; "
             "END; $BODY$",
+            "CREATE OR REPLACE VIEW {schema}.{live} AS SELECT " + _LIVE_COLUMNS + " "
+            "FROM {schema}.{status} s " + _LIVE_JOIN,
         ]
         names = {
             f"by_{suffix}": Identifier(f"{self.status_table_name}_by_{suffix}")
@@ -230,6 +286,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         }
         for statement in statements:
             self.sql_create_statements.append(SQL(statement).format(**ids, **names))
+        self._live_join = SQL(_LIVE_JOIN).format(**ids).as_string()
         # The insert function for ciphered or compressed states, which SQL cannot read: the
         # application passes the status rows (JSON), upserted in the same transaction.
         self.insert_with_statuses_function_name = f"{self.events_table_name}_insert_statuses"
@@ -255,7 +312,8 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
                 "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
                 "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
-                "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at; "
+                "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, "
+                "live = false; "
                 "END; "
                 "$BODY$"
             ).format(
@@ -271,7 +329,13 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
         filters, params = where(query, "%s", saga_id=self._saga_id)
         table = SQL("{schema}.{status}").format(**self._status).as_string()
-        statement = f"SELECT * FROM {table} s{filters.format(table=table)} LIMIT %s"
+        # The page is chosen on the table (what the filters read is never stale there);
+        # only its rows are then read off their events.
+        page = f"SELECT * FROM {table} s{filters.format(table=table)} LIMIT %s"
+        statement = (
+            f"SELECT {_LIVE_COLUMNS} FROM ({page}) s {self._live_join} "
+            "ORDER BY s.started_at, s.saga_id"
+        )
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(statement.encode(), [*params, query.limit])
             return [_status(row) for row in curs.fetchall()]
@@ -302,7 +366,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
             "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
             "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
-            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at"
+            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, live = false"
         ).format(**self._status)
         with self.datastore.transaction(commit=True) as curs:
             for row in rows:
