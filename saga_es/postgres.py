@@ -15,10 +15,21 @@ notification log and `select_notifications` are eventsourcing's, unchanged; a
 version conflict fails the whole statement (eventsourcing's `IntegrityError`,
 nothing written).
 
-It also keeps one pool connection for its saves (under a lock of its own: the
-table lock lets one writer in at a time anyway) instead of borrowing one per
-save, which costs more Python after each commit than the round trip it wraps.
-`close()` gives it back; `SagaApplication.close()` calls it. With a pool of one
+The same call keeps the status projection (`<events>_status`, a row per saga),
+but writes a row only when what filters and indexes read changes: the saga
+starts, changes status, or is not in flight. Writing a row on every save cost
+about as much server time as the rest of the save: a new row version and five
+index entries. A save that leaves each of its sagas in flight, in the status its
+row holds (the usual boundary: running, then running), costs one lookup instead;
+such a row is `live`, and readers take its step, version and time from the
+saga's latest event (`<status>_latest`, by the primary key, only for the rows of
+the page they read; the view `<status>_live` shows the table that way).
+
+It also keeps one pool connection and one cursor for its saves (under a lock of
+its own: the table lock lets one writer in at a time anyway) instead of borrowing
+one per save, which costs more Python after each commit than the round trip it
+wraps, and dumps the events with a dumper of its own. `close()` gives the
+connection back; `SagaApplication.close()` calls it. With a pool of one
 connection it borrows per save, so readers are never starved.
 
 `SagaApplication` uses it on PostgreSQL unless `APPLICATION_RECORDER_TOPIC` names
