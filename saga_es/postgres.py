@@ -19,11 +19,11 @@ The same call keeps the status projection (`<events>_status`, a row per saga),
 but writes a row only when what filters and indexes read changes: the saga
 starts, changes status, or is not in flight. Writing a row on every save cost
 about as much server time as the rest of the save: a new row version and five
-index entries. A save that leaves each of its sagas in flight, in the status its
-row holds (the usual boundary: running, then running), costs one lookup instead;
-such a row is `live`, and readers take its step, version and time from the
-saga's latest event (`<status>_latest`, by the primary key, only for the rows of
-the page they read; the view `<status>_live` shows the table that way).
+index entries. The usual boundary (running, then running) is told from its
+events alone, and other saves that change no row cost one lookup. A row in
+flight is `live`: readers take its step, version and time from the saga's latest
+event (`<status>_latest`, by the primary key, only for the rows of the page they
+read; the view `<status>_live` shows the table that way).
 
 It also keeps one pool connection and one cursor for its saves (under a lock of
 its own: the table lock lets one writer in at a time anyway) instead of borrowing
@@ -76,10 +76,12 @@ from psycopg.types.json import Jsonb
 
 from saga_es.errors import ConfigurationError, persistence_error
 from saga_es.settings import configuration_error
-from saga_es.status import IN_FLIGHT_STATES, SagaStatus, StatusQuery, where
+from saga_es.status import IN_FLIGHT_STATES, STEADY_TOPICS, SagaStatus, StatusQuery, where
 
 _IN_FLIGHT = ", ".join(f"'{state}'" for state in IN_FLIGHT_STATES)
 """The states in flight, as an SQL list."""
+_STEADY = ", ".join(f"'{topic}'" for topic in STEADY_TOPICS)
+"""`STEADY_TOPICS`, as an SQL list."""
 _LIVE_COLUMNS = (
     "s.saga_id, s.name, s.definition_version, s.key, s.status, "
     "COALESCE(l.step, s.step) AS step, COALESCE(l.version, s.version) AS version, "
@@ -144,14 +146,18 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         function = Identifier(self.insert_function_name)
         table = Identifier(self.events_table_name)
         self._add_status_projection()
-        # The status rows change only when a saga starts, changes status or ends: one cheap
-        # query (every saga event in the save already in its row's status, in flight, with
-        # its row `live`) lets the usual boundary, running then running, skip them.
+        # The status rows change only when a saga starts, changes status or ends. The usual
+        # boundary is told from its events alone, in plain expressions (no query): one
+        # saga's, the first of a kind that never changes the state (`STEADY_TOPICS`), all
+        # naming that state, in flight, so the saga's row is `live` already. Any other
+        # save asks one query whether a row must change (its saga events in their row's
+        # status, in flight, `live`), and only then calls the status function.
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}"
                 "(events {schema}.{event_type}[], timeout text) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
+                "DECLARE steady boolean; saga_state text; k integer := 1; "
                 "BEGIN "
                 "PERFORM set_config('lock_timeout', timeout, true); "
                 "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
@@ -160,6 +166,20 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
                 "SELECT originator_id, originator_version, topic, state FROM unnest(events) "
                 "RETURNING notification_id; "
+                "steady := events[1].topic IN (" + _STEADY + "); "
+                "WHILE steady AND k <= cardinality(events) LOOP "
+                "steady := events[k].originator_id = events[1].originator_id "
+                "AND events[k].topic LIKE 'saga_es:%' "
+                "AND substr(events[k].state, 1, 1) = '\\x7b'; "
+                "IF steady AND k = 1 THEN "
+                "saga_state := convert_from(events[1].state, 'UTF8')::jsonb->>'to_state'; "
+                "steady := saga_state IN (" + _IN_FLIGHT + "); "
+                "ELSIF steady THEN "
+                "steady := saga_state = convert_from(events[k].state, 'UTF8')::jsonb->>'to_state'; "
+                "END IF; "
+                "k := k + 1; "
+                "END LOOP; "
+                "IF steady THEN RETURN; END IF; "
                 "IF EXISTS (SELECT FROM unnest(events) n "
                 "LEFT JOIN {schema}.{status} t ON t.saga_id = n.originator_id "
                 "WHERE n.topic LIKE 'saga_es:%' AND substr(n.state, 1, 1) = '\\x7b' "
@@ -233,13 +253,6 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "saga_id {id_type} PRIMARY KEY, name text, definition_version integer, key text, "
             "status text, step text, version bigint, started_at timestamptz, "
             "updated_at timestamptz, live boolean NOT NULL DEFAULT false)",
-            # A table created by an earlier release lacks `live`; ALTER TABLE would lock the
-            # table even when it has it, so it runs only when the column is missing.
-            "DO $DO$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
-            "WHERE table_schema = {schema_name} AND table_name = {status_name} "
-            "AND column_name = 'live') THEN "
-            "ALTER TABLE {schema}.{status} ADD COLUMN live boolean NOT NULL DEFAULT false; "
-            "END IF; END $DO$",
             "CREATE INDEX IF NOT EXISTS {by_status} ON {schema}.{status} "
             "(status, started_at, saga_id)",
             "CREATE INDEX IF NOT EXISTS {by_name} ON {schema}.{status} (name, started_at, saga_id)",
@@ -263,6 +276,19 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "step := COALESCE(step, j->>'step'); "
             "EXIT WHEN version IS NOT NULL AND step IS NOT NULL; "
             "END LOOP; END; $BODY$",
+            # A table created by an earlier release lacks `live` (ALTER TABLE would lock the
+            # table even when it has it, so it runs only then). That release kept every row
+            # exact; from now on, a row in flight whose latest event reads as JSON is live.
+            "DO $DO$ DECLARE r record; BEGIN IF NOT EXISTS (SELECT FROM "
+            "information_schema.columns WHERE table_schema = {schema_name} "
+            "AND table_name = {status_name} AND column_name = 'live') THEN "
+            "ALTER TABLE {schema}.{status} ADD COLUMN live boolean NOT NULL DEFAULT false; "
+            "FOR r IN SELECT saga_id FROM {schema}.{status} "
+            "WHERE status IN (" + _IN_FLIGHT + ") LOOP BEGIN "
+            "UPDATE {schema}.{status} SET live = true WHERE saga_id = r.saga_id "
+            "AND (SELECT l.version IS NOT NULL FROM {schema}.{latest}(r.saga_id) l); "
+            "EXCEPTION WHEN OTHERS THEN NULL; "  # not JSON after all: ciphered
+            "END; END LOOP; END IF; END $DO$",
             # Called by the insert function, in its statement's transaction, when a saved
             # event may change a row (see `__init__`): set-based over the saved events, each
             # saga's latest event gives its status, version and time; the latest naming a
@@ -379,12 +405,15 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
     def write_statuses(self, rows: Sequence[SagaStatus]) -> None:
         """Upsert rows on their own."""
         statement = SQL(
-            "INSERT INTO {schema}.{status} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "INSERT INTO {schema}.{status} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
             "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
             "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
-            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, live = false"
+            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, "
+            "live = EXCLUDED.live"
         ).format(**self._status)
+        # The insert function leaves a live row alone while its saga stays in flight.
+        live = not self.wants_status_rows
         with self.datastore.transaction(commit=True) as curs:
             for row in rows:
                 curs.execute(
@@ -399,6 +428,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                         row.version,
                         row.started_at,
                         row.updated_at,
+                        live and row.status in IN_FLIGHT_STATES,
                     ),
                 )
 

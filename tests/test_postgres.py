@@ -435,7 +435,7 @@ def test_rows_written_by_a_rebuild_or_an_earlier_release_read_right(
     before = pg_app.sagas()
     assert pg_app.rebuild_status() == 1
     assert pg_app.sagas() == before
-    assert _stored_row(pg_env, saga.id) == ("running", "b", 4, False)
+    assert _stored_row(pg_env, saga.id) == ("running", "b", 4, True)
     saga.complete_step("b", 1, changes={}, removed=[])
     saga.start_step("c", 1)
     pg_app.save(saga)
