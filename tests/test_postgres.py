@@ -500,3 +500,15 @@ def test_a_save_with_a_malformed_json_state_writes_nothing(pg_app: SagaApplicati
         pg_app.recorder.insert_events([bad, good])
     assert len(pg_app.saga_events(saga.id)) == 2
     _reads_as_its_events(pg_app, saga.id)
+
+
+def test_an_event_naming_no_step_leaves_the_step_read_of_a_saga_in_flight(
+    pg_app: SagaApplication,
+) -> None:
+    saga = _started()
+    saga.start_step("a", 1)
+    pg_app.save(saga)
+    saga.request_cancel(by="ops", reason="not wanted")
+    pg_app.save(saga)
+    row = _reads_as_its_events(pg_app, saga.id)
+    assert (row.status, row.step, row.version) == ("running", "a", 3)
