@@ -1055,6 +1055,7 @@ class SagaApplication(Application[UUID]):
                 f"{type(self.recorder).__name__} keeps no saga status projection; "
                 "use saga_es's recorder (leave the setting unset)",
             )
+        self._keeps_statuses  # noqa: B018 (tells the recorder, before any row is written)
         return self.recorder
 
     def all_sagas(self) -> Iterator[Saga]:

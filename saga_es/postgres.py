@@ -15,10 +15,21 @@ notification log and `select_notifications` are eventsourcing's, unchanged; a
 version conflict fails the whole statement (eventsourcing's `IntegrityError`,
 nothing written).
 
-It also keeps one pool connection for its saves (under a lock of its own: the
-table lock lets one writer in at a time anyway) instead of borrowing one per
-save, which costs more Python after each commit than the round trip it wraps.
-`close()` gives it back; `SagaApplication.close()` calls it. With a pool of one
+The same call keeps the status projection (`<events>_status`, a row per saga),
+but writes a row only when what filters and indexes read changes: the saga
+starts, changes status, or is not in flight. Writing a row on every save cost
+about as much server time as the rest of the save: a new row version and five
+index entries. The usual boundary (running, then running) is told from its
+events alone, and other saves that change no row cost one lookup. A row in
+flight is `live`: readers take its step, version and time from the saga's latest
+event (`<status>_latest`, by the primary key, only for the rows of the page they
+read; the view `<status>_live` shows the table that way).
+
+It also keeps one pool connection and one cursor for its saves (under a lock of
+its own: the table lock lets one writer in at a time anyway) instead of borrowing
+one per save, which costs more Python after each commit than the round trip it
+wraps, and dumps the events with a dumper of its own. `close()` gives the
+connection back; `SagaApplication.close()` calls it. With a pool of one
 connection it borrows per save, so readers are never starved.
 
 `SagaApplication` uses it on PostgreSQL unless `APPLICATION_RECORDER_TOPIC` names
@@ -29,6 +40,7 @@ for the stock one.
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -53,16 +65,33 @@ from eventsourcing.postgres import (
     PostgresTrackingRecorder,
 )
 from eventsourcing.utils import Environment, TopicError, resolve_topic, retry
-from psycopg import Connection
+from psycopg import Connection, Cursor
+from psycopg.adapt import Dumper
 from psycopg.errors import DuplicateObject
-from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
-from psycopg.types.composite import register_composite
+from psycopg.pq import Format
+from psycopg.rows import DictRow, tuple_row
+from psycopg.sql import SQL, Identifier, Literal
+from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.json import Jsonb
 
 from saga_es.errors import ConfigurationError, persistence_error
 from saga_es.settings import configuration_error
-from saga_es.status import SagaStatus, StatusQuery, where
+from saga_es.status import IN_FLIGHT_STATES, STEADY_TOPICS, SagaStatus, StatusQuery, where
+
+_IN_FLIGHT = ", ".join(f"'{state}'" for state in IN_FLIGHT_STATES)
+"""The states in flight, as an SQL list."""
+_STEADY = ", ".join(f"'{topic}'" for topic in STEADY_TOPICS)
+"""`STEADY_TOPICS`, as an SQL list."""
+_LIVE_COLUMNS = (
+    "s.saga_id, s.name, s.definition_version, s.key, s.status, "
+    "COALESCE(l.step, s.step) AS step, COALESCE(l.version, s.version) AS version, "
+    "s.started_at, COALESCE(l.updated_at, s.updated_at) AS updated_at"
+)
+"""A status row (`s`) as readers see it: a `live` row's step, version and time from `l`."""
+_LIVE_JOIN = (
+    "LEFT JOIN LATERAL (SELECT * FROM {schema}.{latest}(s.saga_id) WHERE s.live LIMIT 1) l ON true"
+)
+"""The latest events of `s`'s saga, read only when its row is `live`."""
 
 ONE_CALL_RECORDER_TOPIC = "saga_es.postgres:PostgresOneCallRecorder"
 """What `SagaApplication` sets `APPLICATION_RECORDER_TOPIC` to on PostgreSQL by default."""
@@ -116,11 +145,19 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         schema = Identifier(self.datastore.schema)
         function = Identifier(self.insert_function_name)
         table = Identifier(self.events_table_name)
+        self._add_status_projection()
+        # The status rows change only when a saga starts, changes status or ends. The usual
+        # boundary is told from its events alone, in plain expressions (no query): one
+        # saga's, the first of a kind that never changes the state (`STEADY_TOPICS`), all
+        # naming that state, in flight, so the saga's row is `live` already. Any other
+        # save asks one query whether a row must change (its saga events in their row's
+        # status, in flight, `live`), and only then calls the status function.
         self.sql_create_statements.append(
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}"
                 "(events {schema}.{event_type}[], timeout text) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
+                "DECLARE steady boolean; saga_state text; k integer := 1; "
                 "BEGIN "
                 "PERFORM set_config('lock_timeout', timeout, true); "
                 "LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
@@ -129,7 +166,26 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
                 "SELECT originator_id, originator_version, topic, state FROM unnest(events) "
                 "RETURNING notification_id; "
-                "PERFORM {schema}.{status_function}(events); "
+                "steady := events[1].topic IN (" + _STEADY + "); "
+                "WHILE steady AND k <= cardinality(events) LOOP "
+                "steady := events[k].originator_id = events[1].originator_id "
+                "AND events[k].topic LIKE 'saga_es:%' "
+                "AND substr(events[k].state, 1, 1) = '\\x7b'; "
+                "IF steady AND k = 1 THEN "
+                "saga_state := convert_from(events[1].state, 'UTF8')::jsonb->>'to_state'; "
+                "steady := saga_state IN (" + _IN_FLIGHT + "); "
+                "ELSIF steady THEN "
+                "steady := saga_state = convert_from(events[k].state, 'UTF8')::jsonb->>'to_state'; "
+                "END IF; "
+                "k := k + 1; "
+                "END LOOP; "
+                "IF steady THEN RETURN; END IF; "
+                "IF EXISTS (SELECT FROM unnest(events) n "
+                "LEFT JOIN {schema}.{status} t ON t.saga_id = n.originator_id "
+                "WHERE n.topic LIKE 'saga_es:%' AND substr(n.state, 1, 1) = '\\x7b' "
+                "AND (t.live IS NOT TRUE OR t.status NOT IN (" + _IN_FLIGHT + ") "
+                "OR t.status IS DISTINCT FROM convert_from(n.state, 'UTF8')::jsonb->>'to_state')) "
+                "THEN PERFORM {schema}.{status_function}(events); END IF; "
                 "END; "
                 "$BODY$"
             ).format(
@@ -138,10 +194,10 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 event_type=Identifier(self.stored_event_type_name),
                 table=table,
                 channel=Identifier(self.channel_name),
-                status_function=Identifier(f"{events_table_name}_status_from_events"),
+                status=self._status["status"],
+                status_function=self._status["function"],
             )
         )
-        self._add_status_projection()
         # Rendered once to bytes (psycopg caches the conversion of a bytes query, not of a
         # composed one), with the events dumped in binary: text dumping of a composite array
         # escapes every field through regular expressions, the costliest part of a save.
@@ -161,6 +217,9 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         # that every application on this table shares.
         self.lock_timeout = f"{self.datastore.lock_timeout}s"
         self._writer: Connection[DictRow] | None = None
+        # One cursor for every save: a new one per save would look up the events' dumpers
+        # again each time, which costs about half of what psycopg spends on a save.
+        self._writer_cursor: Cursor[tuple[Any, ...]] | None = None
         self._writer_lock = threading.Lock()
 
     wants_status_rows = False
@@ -173,7 +232,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
     """
 
     def _add_status_projection(self) -> None:
-        """The status table, and the function that derives its rows from saga events."""
+        """The status table, its `_live` view, and the functions that keep and read them."""
         self.status_table_name = f"{self.events_table_name}_status"
         self.check_identifier_length(f"{self.status_table_name}_by_status")
         ids = {
@@ -181,48 +240,124 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "table": Identifier(self.events_table_name),
             "status": Identifier(self.status_table_name),
             "function": Identifier(f"{self.status_table_name}_from_events"),
+            "latest": Identifier(f"{self.status_table_name}_latest"),
+            "live": Identifier(f"{self.status_table_name}_live"),
             "event_type": Identifier(self.stored_event_type_name),
             "id_type": Identifier(self.datastore.originator_id_type),
+            "schema_name": Literal(self.datastore.schema),
+            "status_name": Literal(self.status_table_name),
         }
         self._status = ids
         statements = [
             "CREATE TABLE IF NOT EXISTS {schema}.{status} ("
             "saga_id {id_type} PRIMARY KEY, name text, definition_version integer, key text, "
             "status text, step text, version bigint, started_at timestamptz, "
-            "updated_at timestamptz)",
+            "updated_at timestamptz, live boolean NOT NULL DEFAULT false)",
             "CREATE INDEX IF NOT EXISTS {by_status} ON {schema}.{status} "
             "(status, started_at, saga_id)",
             "CREATE INDEX IF NOT EXISTS {by_name} ON {schema}.{status} (name, started_at, saga_id)",
             "CREATE INDEX IF NOT EXISTS {by_key} ON {schema}.{status} (key)",
             "CREATE INDEX IF NOT EXISTS {by_start} ON {schema}.{status} (started_at, saga_id)",
-            # Called by the insert function, in its statement's transaction, once per save,
-            # set-based over the saved rows: each saga's latest event gives its status,
-            # version and time; its latest event naming a step gives the step; a
-            # SagaStarted gives the rest. Only JSON states ('{' first) are read: a ciphered
-            # or compressed state is opaque here.
+            # An in-flight saga as of its stored events, for readers: the status, version
+            # and time of its latest event that names a state, and the step of its latest
+            # event that names one; usually one event, read by the primary key. Only JSON
+            # states ('{' first) are read: a ciphered or compressed state is opaque here.
+            "CREATE OR REPLACE FUNCTION {schema}.{latest}(saga {id_type}, "
+            "OUT status text, OUT step text, OUT version bigint, OUT updated_at timestamptz) "
+            "LANGUAGE plpgsql STABLE AS $BODY$ DECLARE e record; j jsonb; BEGIN "
+            "FOR e IN SELECT originator_version AS v, state FROM {schema}.{table} "
+            "WHERE originator_id = saga AND topic LIKE 'saga_es:%' "
+            "AND substr(state, 1, 1) = '\\x7b' "
+            "ORDER BY originator_version DESC LOOP "
+            "j := convert_from(e.state, 'UTF8')::jsonb; "
+            "IF version IS NULL AND j ? 'to_state' AND j ? 'timestamp' THEN "
+            "status := j->>'to_state'; version := e.v; "
+            "updated_at := (j->'timestamp'->>'_data_')::timestamptz; END IF; "
+            "step := COALESCE(step, j->>'step'); "
+            "EXIT WHEN version IS NOT NULL AND step IS NOT NULL; "
+            "END LOOP; END; $BODY$",
+            # A table created by an earlier release lacks `live` (ALTER TABLE would lock the
+            # table even when it has it, so it runs only then). That release kept every row
+            # exact; from now on, a row in flight whose latest event reads as JSON is live.
+            "DO $DO$ DECLARE r record; BEGIN IF NOT EXISTS (SELECT FROM "
+            "information_schema.columns WHERE table_schema = {schema_name} "
+            "AND table_name = {status_name} AND column_name = 'live') THEN "
+            "ALTER TABLE {schema}.{status} ADD COLUMN live boolean NOT NULL DEFAULT false; "
+            "FOR r IN SELECT saga_id FROM {schema}.{status} "
+            "WHERE status IN (" + _IN_FLIGHT + ") LOOP BEGIN "
+            "UPDATE {schema}.{status} SET live = true WHERE saga_id = r.saga_id "
+            "AND (SELECT l.version IS NOT NULL FROM {schema}.{latest}(r.saga_id) l); "
+            "EXCEPTION WHEN OTHERS THEN NULL; "  # not JSON after all: ciphered
+            "END; END LOOP; END IF; END $DO$",
+            # Called by the insert function, in its statement's transaction, when a saved
+            # event may change a row (see `__init__`). Each saga's latest event gives its
+            # status, version and time; the latest naming a step gives the step (else its
+            # stored events do); a SagaStarted gives the rest. Set-based over several
+            # sagas, it leaves alone the rows already in flight in that status, and `live`.
             "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event_type}[]) "
             # plpgsql, not sql: it keeps the statement's plan for the session.
-            "RETURNS void LANGUAGE plpgsql AS $BODY$ BEGIN "
-            "WITH saga_rows AS ("
-            "SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
-            "convert_from(n.state, 'UTF8')::jsonb AS s FROM unnest(events) n "
-            "WHERE n.topic LIKE 'saga_es:%' AND get_byte(n.state, 0) = 123), "
-            "latest AS (SELECT DISTINCT ON (id) id, v, s FROM saga_rows "
-            "WHERE s ? 'to_state' AND s ? 'timestamp' ORDER BY id, v DESC), "
-            "steps AS (SELECT DISTINCT ON (id) id, s->>'step' AS step FROM saga_rows "
-            "WHERE s ? 'step' ORDER BY id, v DESC), "
-            "starts AS (SELECT id, s FROM saga_rows WHERE topic = 'saga_es:SagaStarted') "
+            "RETURNS void LANGUAGE plpgsql AS $BODY$ DECLARE "
+            "e {schema}.{event_type} := events[cardinality(events)]; "
+            "last_json jsonb; start_json jsonb; "
+            "new_step text; k integer := cardinality(events); BEGIN "
+            # One saga's events (the runner's saves), the last naming a state and a time:
+            # plain statements, much cheaper to start than the set-based one below.
+            "WHILE k > 1 AND events[k - 1].originator_id = e.originator_id LOOP "
+            "k := k - 1; END LOOP; "
+            "IF k = 1 AND e.topic LIKE 'saga_es:%' AND substr(e.state, 1, 1) = '\\x7b' THEN "
+            "last_json := convert_from(e.state, 'UTF8')::jsonb; "
+            "IF last_json ? 'to_state' AND last_json ? 'timestamp' THEN "
+            "new_step := last_json->>'step'; k := cardinality(events) - 1; "
+            "WHILE new_step IS NULL AND k > 0 LOOP "
+            "IF events[k].topic LIKE 'saga_es:%' AND substr(events[k].state, 1, 1) = '\\x7b' "
+            "THEN new_step := convert_from(events[k].state, 'UTF8')::jsonb->>'step'; END IF; "
+            "k := k - 1; END LOOP; "
+            "IF new_step IS NULL AND events[1].topic <> 'saga_es:SagaStarted' THEN "
+            "SELECT p.step INTO new_step FROM {schema}.{latest}(e.originator_id) p; END IF; "
+            "UPDATE {schema}.{status} t SET status = last_json->>'to_state', "
+            "step = COALESCE(new_step, t.step), version = e.originator_version, "
+            "updated_at = (last_json->'timestamp'->>'_data_')::timestamptz, "
+            "live = (last_json->>'to_state') IN (" + _IN_FLIGHT + ") "
+            "WHERE t.saga_id = e.originator_id AND t.version < e.originator_version; "
+            "IF FOUND THEN RETURN; END IF; "
+            "IF events[1].topic = 'saga_es:SagaStarted' "
+            "AND substr(events[1].state, 1, 1) = '\\x7b' THEN "
+            "start_json := convert_from(events[1].state, 'UTF8')::jsonb; END IF; "
             "INSERT INTO {schema}.{status} AS t (saga_id, name, definition_version, key, "
-            "status, step, version, started_at, updated_at) "
-            "SELECT l.id, st.s->>'name', (st.s->>'definition_version')::integer, "
-            "st.s->>'key', l.s->>'to_state', sp.step, l.v, "
-            "(COALESCE(st.s, l.s)->'timestamp'->>'_data_')::timestamptz, "
-            "(l.s->'timestamp'->>'_data_')::timestamptz "
-            "FROM latest l LEFT JOIN starts st USING (id) LEFT JOIN steps sp USING (id) "
+            "status, step, version, started_at, updated_at, live) VALUES (e.originator_id, "
+            "start_json->>'name', (start_json->>'definition_version')::integer, "
+            "start_json->>'key', last_json->>'to_state', "
+            "new_step, e.originator_version, "
+            "(COALESCE(start_json, last_json)->'timestamp'->>'_data_')::timestamptz, "
+            "(last_json->'timestamp'->>'_data_')::timestamptz, "
+            "(last_json->>'to_state') IN (" + _IN_FLIGHT + ")) "
+            "ON CONFLICT (saga_id) DO NOTHING; "
+            "RETURN; END IF; END IF; "
+            "WITH saved AS (SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
+            "convert_from(n.state, 'UTF8')::jsonb AS j FROM unnest(events) n "
+            "WHERE n.topic LIKE 'saga_es:%' AND substr(n.state, 1, 1) = '\\x7b'), "
+            "latest AS (SELECT DISTINCT ON (id) id, v, j FROM saved "
+            "WHERE j ? 'to_state' AND j ? 'timestamp' ORDER BY id, v DESC) "
+            "INSERT INTO {schema}.{status} AS t (saga_id, name, definition_version, key, "
+            "status, step, version, started_at, updated_at, live) "
+            "SELECT l.id, st.j->>'name', (st.j->>'definition_version')::integer, "
+            "st.j->>'key', l.j->>'to_state', COALESCE((SELECT p.j->>'step' FROM saved p "
+            "WHERE p.id = l.id AND p.j->>'step' IS NOT NULL ORDER BY p.v DESC LIMIT 1), "
+            "(SELECT p.step FROM {schema}.{latest}(l.id) p)), l.v, "
+            "(COALESCE(st.j, l.j)->'timestamp'->>'_data_')::timestamptz, "
+            "(l.j->'timestamp'->>'_data_')::timestamptz, "
+            "(l.j->>'to_state') IN (" + _IN_FLIGHT + ") "
+            "FROM latest l LEFT JOIN {schema}.{status} o ON o.saga_id = l.id "
+            "LEFT JOIN saved st ON st.id = l.id AND st.topic = 'saga_es:SagaStarted' "
+            "WHERE o.live IS NOT TRUE OR o.status NOT IN (" + _IN_FLIGHT + ") "
+            "OR o.status IS DISTINCT FROM l.j->>'to_state' "
             "ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status, "
             "step = COALESCE(EXCLUDED.step, t.step), version = EXCLUDED.version, "
-            "updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version; "
+            "updated_at = EXCLUDED.updated_at, live = EXCLUDED.live "
+            "WHERE t.version < EXCLUDED.version; "
             "END; $BODY$",
+            "CREATE OR REPLACE VIEW {schema}.{live} AS SELECT " + _LIVE_COLUMNS + " "
+            "FROM {schema}.{status} s " + _LIVE_JOIN,
         ]
         names = {
             f"by_{suffix}": Identifier(f"{self.status_table_name}_by_{suffix}")
@@ -230,6 +365,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         }
         for statement in statements:
             self.sql_create_statements.append(SQL(statement).format(**ids, **names))
+        self._live_join = SQL(_LIVE_JOIN).format(**ids).as_string()
         # The insert function for ciphered or compressed states, which SQL cannot read: the
         # application passes the status rows (JSON), upserted in the same transaction.
         self.insert_with_statuses_function_name = f"{self.events_table_name}_insert_statuses"
@@ -255,7 +391,8 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
                 "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
                 "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
-                "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at; "
+                "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, "
+                "live = false; "
                 "END; "
                 "$BODY$"
             ).format(
@@ -271,7 +408,13 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
         filters, params = where(query, "%s", saga_id=self._saga_id)
         table = SQL("{schema}.{status}").format(**self._status).as_string()
-        statement = f"SELECT * FROM {table} s{filters.format(table=table)} LIMIT %s"
+        # The page is chosen on the table (what the filters read is never stale there);
+        # only its rows are then read off their events.
+        page = f"SELECT * FROM {table} s{filters.format(table=table)} LIMIT %s"
+        statement = (
+            f"SELECT {_LIVE_COLUMNS} FROM ({page}) s {self._live_join} "
+            "ORDER BY s.started_at, s.saga_id"
+        )
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(statement.encode(), [*params, query.limit])
             return [_status(row) for row in curs.fetchall()]
@@ -298,12 +441,15 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
     def write_statuses(self, rows: Sequence[SagaStatus]) -> None:
         """Upsert rows on their own."""
         statement = SQL(
-            "INSERT INTO {schema}.{status} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "INSERT INTO {schema}.{status} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (saga_id) DO UPDATE SET name = EXCLUDED.name, "
             "definition_version = EXCLUDED.definition_version, key = EXCLUDED.key, "
             "status = EXCLUDED.status, step = EXCLUDED.step, version = EXCLUDED.version, "
-            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at"
+            "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, "
+            "live = EXCLUDED.live"
         ).format(**self._status)
+        # The insert function leaves a live row alone while its saga stays in flight.
+        live = not self.wants_status_rows
         with self.datastore.transaction(commit=True) as curs:
             for row in rows:
                 curs.execute(
@@ -318,6 +464,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                         row.version,
                         row.started_at,
                         row.updated_at,
+                        live and row.status in IN_FLIGHT_STATES,
                     ),
                 )
 
@@ -340,29 +487,42 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         """
         if not stored_events:
             return None
-        rows = [
-            self.construct_pg_stored_event(s.originator_id, s.originator_version, s.topic, s.state)
-            for s in stored_events
-        ]
         statuses: Sequence[SagaStatus] = kwargs.get("saga_statuses") or ()
-        statement = self.insert_call_statement
-        params: tuple[Any, ...] = (rows, self.lock_timeout)
-        if statuses:
-            statement = self.insert_with_statuses_call_statement
-            params = (rows, _status_rows(statuses), self.lock_timeout)
         if self.datastore.pool.max_size < 2:  # keeping the only connection would starve reads
+            rows = [
+                self.construct_pg_stored_event(
+                    s.originator_id, s.originator_version, s.topic, s.state
+                )
+                for s in stored_events
+            ]
+            statement, params = self._insert_call(rows, statuses)
             with self.datastore.get_connection() as conn, conn.cursor() as curs:
                 curs.execute(statement, params, prepare=True)
                 return [row["notification_id"] for row in curs.fetchall()]
+        statement, params = self._insert_call(_EventRows(stored_events), statuses)
         with self._writer_lock:
             conn = self._writer or self._take_writer()
             try:
-                curs = conn.execute(statement, params, prepare=True)
-                return [row["notification_id"] for row in curs.fetchall()]
+                cursor = self._writer_cursor or self._new_writer_cursor(conn)
+                cursor.execute(statement, params, prepare=True)
+                return [row[0] for row in cursor.fetchall()]
             except psycopg.Error as e:
                 if conn.broken or conn.closed:
                     self._give_back_writer()  # the retry takes a fresh one
                 raise persistence_error(e) from e
+
+    def _insert_call(
+        self, rows: Sequence[Any], statuses: Sequence[SagaStatus]
+    ) -> tuple[bytes, tuple[Any, ...]]:
+        """The statement and parameters that insert `rows` (and the status rows, if any)."""
+        if statuses:
+            rows_of_statuses = _status_rows(statuses)
+            return self.insert_with_statuses_call_statement, (
+                rows,
+                rows_of_statuses,
+                self.lock_timeout,
+            )
+        return self.insert_call_statement, (rows, self.lock_timeout)
 
     def _take_writer(self) -> Connection[DictRow]:
         datastore = self.datastore
@@ -378,8 +538,14 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         self._writer = conn
         return conn
 
+    def _new_writer_cursor(self, conn: Connection[DictRow]) -> Cursor[tuple[Any, ...]]:
+        info = self.datastore.psycopg_type_adapters[self.stored_event_type_name]
+        conn.adapters.register_dumper(_EventRows, _events_dumper(info))
+        self._writer_cursor = conn.cursor(row_factory=tuple_row)
+        return self._writer_cursor
+
     def _give_back_writer(self) -> None:
-        conn, self._writer = self._writer, None
+        conn, self._writer, self._writer_cursor = self._writer, None, None
         if conn is not None:
             try:
                 self.datastore.pool.putconn(conn)
@@ -390,6 +556,59 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
         """Give the connection kept for saves back to the pool."""
         with self._writer_lock:
             self._give_back_writer()
+
+
+class _EventRows(list[StoredEvent]):
+    """A save's events, as the insert function's `events` parameter (`_events_dumper`)."""
+
+
+def _events_dumper(info: CompositeInfo) -> type[Dumper]:
+    """Dumps `_EventRows` as an array of the events' composite type, in binary.
+
+    psycopg's own dumpers look up a dumper for every field of every row, which costs
+    more Python than the rest of a save; these rows always hold the same four fields.
+    """
+    id_oid, version_oid, topic_oid, state_oid = info.field_types
+    text_ids = id_oid != _UUID_OID
+    header = _ARRAY_HEADER.pack(1, 0, info.oid)
+
+    class EventsDumper(Dumper):
+        format = Format.BINARY
+        oid = info.array_oid
+
+        def dump(self, obj: _EventRows) -> bytes:
+            parts = [header, _ARRAY_DIMENSION.pack(len(obj), 1)]
+            for event in obj:
+                originator_id = event.originator_id
+                if text_ids or not isinstance(originator_id, UUID):
+                    id_bytes = str(originator_id).encode()
+                else:
+                    id_bytes = originator_id.bytes
+                topic, state = event.topic.encode(), event.state
+                fields = b"".join(
+                    (
+                        _RECORD_HEAD.pack(4, id_oid, len(id_bytes)),
+                        id_bytes,
+                        _VERSION_FIELD.pack(version_oid, 8, event.originator_version),
+                        _FIELD_HEAD.pack(topic_oid, len(topic)),
+                        topic,
+                        _FIELD_HEAD.pack(state_oid, len(state)),
+                        state,
+                    )
+                )
+                parts += (_LENGTH.pack(len(fields)), fields)
+            return b"".join(parts)
+
+    return EventsDumper
+
+
+_UUID_OID = 2950
+_ARRAY_HEADER = struct.Struct("!iiI")  # dimensions, has nulls, element type
+_ARRAY_DIMENSION = struct.Struct("!ii")  # length, lower bound
+_RECORD_HEAD = struct.Struct("!iIi")  # fields, then the first field's type and length
+_FIELD_HEAD = struct.Struct("!Ii")  # type, length
+_VERSION_FIELD = struct.Struct("!Iiq")
+_LENGTH = struct.Struct("!i")
 
 
 def _status(row: DictRow) -> SagaStatus:

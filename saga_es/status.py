@@ -24,6 +24,28 @@ ENDING_EVENTS = ("SagaCompleted", "SagaCompensated", "SagaStuck", "SagaCancelled
 """Events after which a saga is no longer in flight."""
 
 
+def _steady_topics() -> tuple[str, ...]:
+    keeps: dict[str, bool] = {}
+    for move in machine.TRANSITIONS:
+        sources = move["source"] if isinstance(move["source"], list) else [move["source"]]
+        steady = all(source == move["dest"] for source in sources)
+        keeps[move["trigger"]] = keeps.get(move["trigger"], True) and steady
+    topics: list[str] = []
+    for event in vars(Saga).values():
+        if isinstance(event, type) and issubclass(event, Saga.Event):
+            topic, trigger = vars(event).get("TOPIC"), vars(event).get("trigger")
+            if topic and keeps.get(trigger or "", False):
+                topics.append(topic)
+    return tuple(sorted(topics))
+
+
+STEADY_TOPICS = _steady_topics()
+"""Topics of the events every move of which leaves the saga in the state it was in.
+
+So the state such an event names is also the saga's state before it (from the machine).
+"""
+
+
 @dataclass(frozen=True)
 class SagaStatus:
     """Where one saga stands, as of its latest event."""

@@ -13,12 +13,14 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
+from eventsourcing.cryptography import AESCipher
+from eventsourcing.persistence import IntegrityError, Notification, PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from eventsourcing.utils import Environment
 
-from saga_es import SagaApplication, SagaDefinition, Step
+from saga_es import Saga, SagaApplication, SagaDefinition, Step
 from saga_es.postgres import STOCK_RECORDER_TOPIC, PostgresOneCallRecorder
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus
 
 Env = dict[str, str]
 
@@ -282,3 +284,231 @@ def test_closing_the_application_gives_every_connection_back(pg_env: Env) -> Non
     while _other_backends(pg_env) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _other_backends(pg_env) == 0
+
+
+# -- the status rows: written when a status changes, read live in between ----------------------
+
+
+def _started(key: str = "k", steps: tuple[str, ...] = ("a", "b", "c")) -> Saga:
+    return Saga.start(
+        id=uuid4(),
+        name="trip",
+        definition_version=1,
+        steps=list(steps),
+        compensable=list(steps),
+        key=key,
+        context_type="builtins:dict",
+        context={},
+    )
+
+
+def _stored_row(env: Env, saga_id: UUID) -> tuple[Any, ...]:
+    """The saga's row as the table holds it (status, step, version, live)."""
+    with psycopg.connect(
+        host=env["POSTGRES_HOST"],
+        port=env["POSTGRES_PORT"],
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+        dbname=env["POSTGRES_DBNAME"],
+    ) as conn:
+        row = conn.execute(
+            "SELECT status, step, version, live FROM sagaapplication_events_status "
+            "WHERE saga_id = %s",
+            [saga_id],
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def _reads_as_its_events(app: SagaApplication, saga_id: UUID) -> SagaStatus:
+    """Every reader returns the row `SagaStatus.of` computes from the saga's stream."""
+    expected = SagaStatus.of(app.get(saga_id))
+    assert [r for r in app.sagas() if r.saga_id == saga_id] == [expected]
+    assert [r for r in app.sagas(status=expected.status) if r.saga_id == saga_id] == [expected]
+    assert [r for r in app.sagas(key=expected.key, name="trip") if r.saga_id == saga_id] == [
+        expected
+    ]
+    in_flight = app.sagas(status=IN_FLIGHT_STATES)
+    assert [r for r in in_flight if r.saga_id == saga_id] == (
+        [expected] if expected.status in IN_FLIGHT_STATES else []
+    )
+    assert app.stats()[("trip", expected.status)] >= 1
+    assert app.stats(status=expected.status)[("trip", expected.status)] >= 1
+    return expected
+
+
+def test_readers_see_the_latest_step_version_and_time_of_a_saga_in_flight(
+    pg_env: Env, pg_app: SagaApplication
+) -> None:
+    saga = _started()
+    saga.start_step("a", 1)
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).step == "a"
+    assert _stored_row(pg_env, saga.id) == ("running", "a", 2, True)
+
+    saga.complete_step("a", 1, changes={"x": 1}, removed=[])
+    saga.start_step("b", 1)
+    pg_app.save(saga)
+    row = _reads_as_its_events(pg_app, saga.id)
+    assert (row.status, row.step, row.version) == ("running", "b", 4)
+    # Nothing a filter reads changed, so the table row was left as it was.
+    assert _stored_row(pg_env, saga.id) == ("running", "a", 2, True)
+
+    saga.fail_step("b", 1, error_type="E", error_message="again", will_retry=True)
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).version == 5
+    saga.start_step("b", 2)
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).version == 6
+
+    # A page of sagas in flight, and a page after another saga's row.
+    other = _started(key="other")
+    pg_app.save(other)
+    first, second = (
+        pg_app.sagas(status=IN_FLIGHT_STATES, limit=1),
+        pg_app.sagas(status=IN_FLIGHT_STATES, after=saga.id),
+    )
+    assert [r.saga_id for r in first + second] == [saga.id, other.id]
+    assert second == [SagaStatus.of(pg_app.get(other.id))]
+
+    saga.complete_step("b", 2, changes={}, removed=[])
+    saga.start_step("c", 1)
+    saga.complete_step("c", 1, changes={}, removed=[])
+    saga.complete()
+    pg_app.save(saga)
+    row = _reads_as_its_events(pg_app, saga.id)
+    assert (row.status, row.step, row.version) == ("completed", "c", 10)
+    assert _stored_row(pg_env, saga.id) == ("completed", "c", 10, False)
+
+
+def test_each_change_of_status_is_in_the_table_at_once(pg_app: SagaApplication) -> None:
+    saga = _started()
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).status == "pending"
+    saga.start_step("a", 1)
+    saga.complete_step("a", 1, changes={}, removed=[])
+    pg_app.save(saga)
+    saga.start_step("b", 1)
+    pg_app.save(saga)
+    saga.fail_step("b", 1, error_type="E", error_message="no", will_retry=False)
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).status == "compensating"
+    saga.start_compensation("a", 1)
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).step == "a"
+    saga.fail_compensation("a", 1, error_type="E", error_message="no", will_retry=False)
+    pg_app.save(saga)
+    saga.halt("a", error_type="E", error_message="no")
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).status == "stuck"
+    saga.resolve("a", action="retry", by="ops", reason="fixed")
+    pg_app.save(saga)
+    assert _reads_as_its_events(pg_app, saga.id).status == "compensating"
+    saga.start_compensation("a", 2)
+    saga.complete_compensation("a", 2, changes={}, removed=[])
+    pg_app.save(saga)
+    saga.compensate()  # saved alone: the step comes from the stored events
+    pg_app.save(saga)
+    row = _reads_as_its_events(pg_app, saga.id)
+    assert (row.status, row.step) == ("compensated", "a")
+
+    cancelled = _started(key="cancelled")
+    pg_app.save(cancelled)
+    cancelled.request_cancel(by="ops", reason="not wanted")
+    pg_app.save(cancelled)
+    assert _reads_as_its_events(pg_app, cancelled.id).status == "pending"
+    cancelled.cancel()
+    pg_app.save(cancelled)
+    assert _reads_as_its_events(pg_app, cancelled.id).status == "cancelled"
+    assert pg_app.stats() == {("trip", "compensated"): 1, ("trip", "cancelled"): 1}
+
+
+def test_rows_written_by_a_rebuild_or_an_earlier_release_read_right(
+    pg_env: Env, pg_app: SagaApplication, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    saga = _started()
+    saga.start_step("a", 1)
+    pg_app.save(saga)
+    saga.complete_step("a", 1, changes={}, removed=[])
+    saga.start_step("b", 1)
+    pg_app.save(saga)
+    before = pg_app.sagas()
+    assert pg_app.rebuild_status() == 1
+    assert pg_app.sagas() == before
+    assert _stored_row(pg_env, saga.id) == ("running", "b", 4, True)
+    saga.complete_step("b", 1, changes={}, removed=[])
+    saga.start_step("c", 1)
+    pg_app.save(saga)
+    _reads_as_its_events(pg_app, saga.id)
+
+    # The table as the previous release left it: no `live` column, every row exact.
+    with psycopg.connect(
+        host=pg_env["POSTGRES_HOST"],
+        port=pg_env["POSTGRES_PORT"],
+        user=pg_env["POSTGRES_USER"],
+        password=pg_env["POSTGRES_PASSWORD"],
+        dbname=pg_env["POSTGRES_DBNAME"],
+        autocommit=True,
+    ) as conn:
+        conn.execute("ALTER TABLE sagaapplication_events_status DROP COLUMN live CASCADE")
+        conn.execute(
+            "UPDATE sagaapplication_events_status SET step = 'c', version = 6, updated_at = %s",
+            [pg_app.get(saga.id).modified_on],
+        )
+    pg_app.close()
+    upgraded = open_app(pg_env)
+    _reads_as_its_events(upgraded, saga.id)
+    saga = upgraded.get(saga.id)
+    saga.complete_step("c", 1, changes={}, removed=[])
+    upgraded.save(saga)
+    assert _reads_as_its_events(upgraded, saga.id).version == 7
+    saga.complete()
+    upgraded.save(saga)
+    assert _reads_as_its_events(upgraded, saga.id).status == "completed"
+
+
+def test_ciphered_sagas_in_flight_read_the_rows_the_application_writes(
+    pg_env: Env, open_app: Callable[[Env], SagaApplication]
+) -> None:
+    app = open_app(
+        {
+            **pg_env,
+            "CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
+            "CIPHER_KEY": AESCipher.create_key(16),
+        }
+    )
+    saga = _started()
+    saga.start_step("a", 1)
+    app.save(saga)
+    saga.complete_step("a", 1, changes={"card": "4111"}, removed=[])
+    saga.start_step("b", 1)
+    app.save(saga)
+    row = _reads_as_its_events(app, saga.id)
+    assert (row.step, row.version) == ("b", 4)
+    assert _stored_row(pg_env, saga.id) == ("running", "b", 4, False)
+
+
+def test_a_save_with_a_malformed_json_state_writes_nothing(pg_app: SagaApplication) -> None:
+    saga = _started()
+    saga.start_step("a", 1)
+    pg_app.save(saga)
+    bad = StoredEvent(saga.id, 3, Saga.StepCompleted.TOPIC, b"{not json")
+    good = StoredEvent(
+        saga.id, 4, Saga.StepStarted.TOPIC, pg_app.recorder.select_events(saga.id)[-1].state
+    )
+    with pytest.raises(PersistenceError, match="json"):
+        pg_app.recorder.insert_events([bad, good])
+    assert len(pg_app.saga_events(saga.id)) == 2
+    _reads_as_its_events(pg_app, saga.id)
+
+
+def test_an_event_naming_no_step_leaves_the_step_read_of_a_saga_in_flight(
+    pg_app: SagaApplication,
+) -> None:
+    saga = _started()
+    saga.start_step("a", 1)
+    pg_app.save(saga)
+    saga.request_cancel(by="ops", reason="not wanted")
+    pg_app.save(saga)
+    row = _reads_as_its_events(pg_app, saga.id)
+    assert (row.status, row.step, row.version) == ("running", "a", 3)

@@ -587,6 +587,7 @@ def test_both_applications_share_one_store_each_with_its_own_tables(
             "orders_events",
             "paymentsagas_events",
             "paymentsagas_events_status",
+            "paymentsagas_events_status_live",
             "paymentsagas_snapshots",
             "paymentsagas_tracking",
         ]
