@@ -121,6 +121,14 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             "AND json_extract(CAST(e.state AS TEXT), '$.to_state') IS NOT NULL "
             "ORDER BY e.originator_version DESC LIMIT 1"
         )
+        # The step of the latest event that names one (a cancel request, say, names none).
+        latest_step = (
+            f"SELECT json_extract(CAST(e.state AS TEXT), '$.step') FROM {table} e "
+            "WHERE e.originator_id = s.saga_id AND substr(e.state, 1, 1) = X'7B' "
+            "AND json_valid(CAST(e.state AS TEXT)) "
+            "AND json_extract(CAST(e.state AS TEXT), '$.step') IS NOT NULL "
+            "ORDER BY e.originator_version DESC LIMIT 1"
+        )
         return [
             *super().construct_create_table_statements(),
             f"CREATE TABLE IF NOT EXISTS {status} ("
@@ -151,15 +159,29 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             f"CREATE VIEW IF NOT EXISTS {status}_live AS "
             "SELECT saga_id, name, definition_version, key, "
             "COALESCE(json_extract(j, '$.to_state'), status) AS status, "
-            "CASE WHEN j IS NULL THEN step ELSE json_extract(j, '$.step') END AS step, "
+            f"CASE WHEN j IS NULL THEN step ELSE {self._LIVE_STEP} END AS step, "
             "COALESCE(v, version) AS version, started_at, "
             "COALESCE(json_extract(j, '$.timestamp._data_'), updated_at) AS updated_at "
             "FROM (SELECT s.*, "
             f"CASE WHEN f.saga_id IS NOT NULL THEN ({latest}) END AS j, "
+            f"CASE WHEN f.saga_id IS NOT NULL THEN ({latest_step}) END AS js, "
             f"CASE WHEN f.saga_id IS NOT NULL THEN (SELECT MAX(m.originator_version) "
             f"FROM {table} m WHERE m.originator_id = s.saga_id) END AS v "
             f"FROM {status} s LEFT JOIN {flight} f ON f.saga_id = s.saga_id)",
         ]
+
+    _LIVE_STEP = "js"
+    """How the `_live` view reads an in-flight saga's step; an older view is replaced."""
+
+    def _create_table(self, c: SQLiteCursor) -> None:
+        # CREATE VIEW IF NOT EXISTS keeps a view from an earlier release: drop it first, in
+        # the same transaction, so no reader ever finds the view missing.
+        live = f"{self.status_table_name}_live"
+        c.execute("SELECT sql FROM sqlite_master WHERE type = 'view' AND name = ?", [live])
+        row = c.fetchone()
+        if row is not None and f"ELSE {self._LIVE_STEP} END AS step" not in row[0]:
+            c.execute(f"DROP VIEW {live}")
+        super()._create_table(c)
 
     @property
     def flight(self) -> str:

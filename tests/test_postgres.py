@@ -17,6 +17,8 @@ from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import IntegrityError, Notification, PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from eventsourcing.utils import Environment
+from test_status import reads_as_its_events as _reads_as_its_events
+from test_status import started as _started
 
 from saga_es import Saga, SagaApplication, SagaDefinition, Step
 from saga_es.postgres import STOCK_RECORDER_TOPIC, PostgresOneCallRecorder
@@ -289,19 +291,6 @@ def test_closing_the_application_gives_every_connection_back(pg_env: Env) -> Non
 # -- the status rows: written when a status changes, read live in between ----------------------
 
 
-def _started(key: str = "k", steps: tuple[str, ...] = ("a", "b", "c")) -> Saga:
-    return Saga.start(
-        id=uuid4(),
-        name="trip",
-        definition_version=1,
-        steps=list(steps),
-        compensable=list(steps),
-        key=key,
-        context_type="builtins:dict",
-        context={},
-    )
-
-
 def _stored_row(env: Env, saga_id: UUID) -> tuple[Any, ...]:
     """The saga's row as the table holds it (status, step, version, live)."""
     with psycopg.connect(
@@ -318,23 +307,6 @@ def _stored_row(env: Env, saga_id: UUID) -> tuple[Any, ...]:
         ).fetchone()
     assert row is not None
     return tuple(row)
-
-
-def _reads_as_its_events(app: SagaApplication, saga_id: UUID) -> SagaStatus:
-    """Every reader returns the row `SagaStatus.of` computes from the saga's stream."""
-    expected = SagaStatus.of(app.get(saga_id))
-    assert [r for r in app.sagas() if r.saga_id == saga_id] == [expected]
-    assert [r for r in app.sagas(status=expected.status) if r.saga_id == saga_id] == [expected]
-    assert [r for r in app.sagas(key=expected.key, name="trip") if r.saga_id == saga_id] == [
-        expected
-    ]
-    in_flight = app.sagas(status=IN_FLIGHT_STATES)
-    assert [r for r in in_flight if r.saga_id == saga_id] == (
-        [expected] if expected.status in IN_FLIGHT_STATES else []
-    )
-    assert app.stats()[("trip", expected.status)] >= 1
-    assert app.stats(status=expected.status)[("trip", expected.status)] >= 1
-    return expected
 
 
 def test_readers_see_the_latest_step_version_and_time_of_a_saga_in_flight(
@@ -379,48 +351,6 @@ def test_readers_see_the_latest_step_version_and_time_of_a_saga_in_flight(
     row = _reads_as_its_events(pg_app, saga.id)
     assert (row.status, row.step, row.version) == ("completed", "c", 10)
     assert _stored_row(pg_env, saga.id) == ("completed", "c", 10, False)
-
-
-def test_each_change_of_status_is_in_the_table_at_once(pg_app: SagaApplication) -> None:
-    saga = _started()
-    pg_app.save(saga)
-    assert _reads_as_its_events(pg_app, saga.id).status == "pending"
-    saga.start_step("a", 1)
-    saga.complete_step("a", 1, changes={}, removed=[])
-    pg_app.save(saga)
-    saga.start_step("b", 1)
-    pg_app.save(saga)
-    saga.fail_step("b", 1, error_type="E", error_message="no", will_retry=False)
-    pg_app.save(saga)
-    assert _reads_as_its_events(pg_app, saga.id).status == "compensating"
-    saga.start_compensation("a", 1)
-    pg_app.save(saga)
-    assert _reads_as_its_events(pg_app, saga.id).step == "a"
-    saga.fail_compensation("a", 1, error_type="E", error_message="no", will_retry=False)
-    pg_app.save(saga)
-    saga.halt("a", error_type="E", error_message="no")
-    pg_app.save(saga)
-    assert _reads_as_its_events(pg_app, saga.id).status == "stuck"
-    saga.resolve("a", action="retry", by="ops", reason="fixed")
-    pg_app.save(saga)
-    assert _reads_as_its_events(pg_app, saga.id).status == "compensating"
-    saga.start_compensation("a", 2)
-    saga.complete_compensation("a", 2, changes={}, removed=[])
-    pg_app.save(saga)
-    saga.compensate()  # saved alone: the step comes from the stored events
-    pg_app.save(saga)
-    row = _reads_as_its_events(pg_app, saga.id)
-    assert (row.status, row.step) == ("compensated", "a")
-
-    cancelled = _started(key="cancelled")
-    pg_app.save(cancelled)
-    cancelled.request_cancel(by="ops", reason="not wanted")
-    pg_app.save(cancelled)
-    assert _reads_as_its_events(pg_app, cancelled.id).status == "pending"
-    cancelled.cancel()
-    pg_app.save(cancelled)
-    assert _reads_as_its_events(pg_app, cancelled.id).status == "cancelled"
-    assert pg_app.stats() == {("trip", "compensated"): 1, ("trip", "cancelled"): 1}
 
 
 def test_rows_written_by_a_rebuild_or_an_earlier_release_read_right(
@@ -500,15 +430,3 @@ def test_a_save_with_a_malformed_json_state_writes_nothing(pg_app: SagaApplicati
         pg_app.recorder.insert_events([bad, good])
     assert len(pg_app.saga_events(saga.id)) == 2
     _reads_as_its_events(pg_app, saga.id)
-
-
-def test_an_event_naming_no_step_leaves_the_step_read_of_a_saga_in_flight(
-    pg_app: SagaApplication,
-) -> None:
-    saga = _started()
-    saga.start_step("a", 1)
-    pg_app.save(saga)
-    saga.request_cancel(by="ops", reason="not wanted")
-    pg_app.save(saga)
-    row = _reads_as_its_events(pg_app, saga.id)
-    assert (row.status, row.step, row.version) == ("running", "a", 3)
