@@ -4,18 +4,18 @@ On an SQLite file a commit (WAL, synchronous=FULL) costs ~0.15 ms here, and the
 Python around it decides how close a saga gets to that floor. eventsourcing's
 `SQLiteApplicationRecorder` borrows a pool connection under the pool's locks for
 every save and runs BEGIN, one INSERT per event and COMMIT. `SQLiteWriterRecorder`
-borrows one connection once and keeps it for writing, under a lock of its own
-(SQLite lets one writer write at a time anyway), and writes a save's events with
-ONE autocommit statement, `INSERT ... VALUES (...), (...) RETURNING rowid`: one
-implicit transaction, all rows or none, one durable commit. Larger saves (more
-than `MAX_ROWS_PER_STATEMENT` events) and saves carrying a tracking record use
+opens one connection for writing and keeps it, under a lock of its own (SQLite
+lets one writer write at a time anyway), and writes a step's boundary with ONE
+autocommit statement, `INSERT ... VALUES (...), (...)`: one implicit transaction,
+all rows or none, one durable commit. A save that starts or ends a saga is BEGIN,
+that statement, its status rows, COMMIT; so is a save whose states are ciphered or
+compressed, with the rows the application passes. Larger saves (more than
+`MAX_ROWS_PER_STATEMENT` events) and saves carrying a tracking record use
 eventsourcing's own insert code inside BEGIN/COMMIT on the same connection.
-When the states are ciphered or compressed, the save is BEGIN, that statement,
-the status rows the application passes, COMMIT: still one transaction.
 
 The table, the rowid notification log, durability and errors are eventsourcing's;
-readers keep using the pool, which still owns the writer connection and closes it
-with the application. In-memory databases, whose readers and writers the pool
+readers keep using the pool; `close()` closes the writer's connection (the
+application's `close()` calls it). In-memory databases, whose readers and writers the pool
 must keep apart, take the stock path. `SagaApplication` uses this recorder on
 SQLite unless `APPLICATION_RECORDER_TOPIC` names another; set it to
 `eventsourcing.sqlite:SQLiteApplicationRecorder` for the stock one.
@@ -23,6 +23,7 @@ SQLite unless `APPLICATION_RECORDER_TOPIC` names another; set it to
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -61,7 +62,7 @@ STOCK_RECORDER_TOPIC = "eventsourcing.sqlite:SQLiteApplicationRecorder"
 
 
 class SQLiteWriterRecorder(SQLiteApplicationRecorder):
-    """Writes each save as one statement, through a connection borrowed from the pool once."""
+    """Writes a step's boundary as one statement, through a connection of its own."""
 
     def __init__(
         self,
@@ -70,12 +71,12 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     ) -> None:
         super().__init__(datastore, events_table_name)
         self._writer: SQLiteConnection | None = None
-        self._own_writer = False  # True: `_writer` is not the pool's (see `_open_writer`)
+        self._own_writer = False  # True once `_open_writer` has opened `_writer`
         self._writer_lock = threading.Lock()
         self._statements: dict[int, str] = {}
 
     wants_status_rows = False
-    """The status rows are derived from each saga event by a trigger, in the same transaction.
+    """The status rows are derived from the saga events saved, in the same transaction.
 
     Triggers read JSON only: when the mapper ciphers or compresses the states,
     `SagaApplication` sets this to True on the recorder and passes the rows itself
@@ -88,7 +89,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         return f"{self.events_table_name}_status"
 
     def construct_create_table_statements(self) -> list[str]:
-        """Eventsourcing's table, plus the status projection and the triggers that keep it.
+        """Eventsourcing's table, plus the status projection's tables and view.
 
         Every page a commit dirties is written to the WAL and synced, so the projection
         touches nothing between a saga's first and last commit: a row per saga (WITHOUT
@@ -96,24 +97,10 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         the ids of the sagas in flight sit in a table of their own. The view `<status>_live`
         reads an in-flight saga's status, step, version and time off its latest event (by
         the primary key), so a reader never sees a stale row, and listing the sagas in
-        flight costs time proportional to them.
+        flight costs time proportional to them. Earlier releases kept the rows with
+        triggers, which cost every insert; they are dropped (see `_projections`).
         """
         table, status, flight = self.events_table_name, self.status_table_name, self.flight
-        state = "CAST(NEW.state AS TEXT)"
-        at = f"json_extract({state}, '$.timestamp._data_')"
-        # Only a JSON state is read: a ciphered or compressed one (whose first byte may be
-        # '{' by chance) is left to the rows the application passes (`saga_statuses`).
-        saga_event = (
-            "NEW.topic LIKE 'saga_es:%' AND substr(NEW.state, 1, 1) = X'7B' "
-            f"AND json_valid({state})"
-        )
-        ends = ", ".join(f"'saga_es:{e}'" for e in _ENDING_EVENTS)
-        previous_step = (
-            f"(SELECT json_extract(CAST(p.state AS TEXT), '$.step') FROM {table} p "
-            "WHERE p.originator_id = NEW.originator_id "
-            "AND p.originator_version = NEW.originator_version - 1 "
-            "AND substr(p.state, 1, 1) = X'7B')"
-        )
         # The latest event that says which state it leads to (a malformed record does not).
         latest = (
             f"SELECT CAST(e.state AS TEXT) FROM {table} e WHERE e.originator_id = s.saga_id "
@@ -136,26 +123,10 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             "status TEXT, step TEXT, version INTEGER, started_at TEXT, updated_at TEXT) "
             "WITHOUT ROWID",
             f"CREATE TABLE IF NOT EXISTS {flight} (saga_id TEXT PRIMARY KEY) WITHOUT ROWID",
-            f"CREATE TRIGGER IF NOT EXISTS {status}_from_start AFTER INSERT ON {table} "
-            f"WHEN NEW.topic = 'saga_es:SagaStarted' AND {saga_event} "
-            f"AND json_extract({state}, '$.to_state') IS NOT NULL AND {at} IS NOT NULL BEGIN "
-            f"INSERT OR REPLACE INTO {status} VALUES (NEW.originator_id, "
-            f"json_extract({state}, '$.name'), json_extract({state}, '$.definition_version'), "
-            f"json_extract({state}, '$.key'), json_extract({state}, '$.to_state'), NULL, "
-            f"NEW.originator_version, {at}, {at}); "
-            f"INSERT OR IGNORE INTO {flight} VALUES (NEW.originator_id); END",
-            # The step of an ending event that names none is its predecessor's.
-            f"CREATE TRIGGER IF NOT EXISTS {status}_ends AFTER INSERT ON {table} "
-            f"WHEN NEW.topic IN ({ends}) AND {saga_event} BEGIN "
-            f"UPDATE {status} SET status = COALESCE(json_extract({state}, '$.to_state'), "
-            f"status), step = COALESCE(json_extract({state}, '$.step'), {previous_step}, step), "
-            f"version = NEW.originator_version, updated_at = COALESCE({at}, updated_at) "
-            "WHERE saga_id = NEW.originator_id AND version < NEW.originator_version; "
-            f"DELETE FROM {flight} WHERE saga_id = NEW.originator_id; END",
-            # A person resolving a stuck saga puts it back in flight.
-            f"CREATE TRIGGER IF NOT EXISTS {status}_resumes AFTER INSERT ON {table} "
-            f"WHEN NEW.topic = 'saga_es:SagaResolved' AND {saga_event} BEGIN "
-            f"INSERT OR IGNORE INTO {flight} VALUES (NEW.originator_id); END",
+            *(
+                f"DROP TRIGGER IF EXISTS {status}_{name}"
+                for name in ("from_start", "ends", "resumes")
+            ),
             f"CREATE VIEW IF NOT EXISTS {status}_live AS "
             "SELECT saga_id, name, definition_version, key, "
             "COALESCE(json_extract(j, '$.to_state'), status) AS status, "
@@ -187,6 +158,65 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     def flight(self) -> str:
         """The table of the ids of the sagas in flight."""
         return f"{self.status_table_name}_in_flight"
+
+    @functools.cached_property
+    def _projections(self) -> dict[str, tuple[str, ...]]:
+        """Per topic that moves a saga in or out of flight, what keeps its status rows.
+
+        Run with the event's values (`:id`, `:version`, `:state`) in the save's own
+        transaction, after its INSERT, and only for those topics: a step's boundary writes
+        its events alone. (Triggers, as earlier releases had, cost every row inserted even
+        when they did nothing.) Only a JSON state is read: a ciphered or compressed one
+        (whose first byte may be '{' by chance) is left to the rows the application passes
+        (`saga_statuses`).
+        """
+        table, status, flight = self.events_table_name, self.status_table_name, self.flight
+        state = "CAST(:state AS TEXT)"
+        at = f"json_extract({state}, '$.timestamp._data_')"
+        json = f"substr(:state, 1, 1) = X'7B' AND json_valid({state})"
+        started = f"{json} AND json_extract({state}, '$.to_state') IS NOT NULL AND {at} IS NOT NULL"
+        # The step of an ending event that names none is its predecessor's.
+        previous_step = (
+            f"(SELECT json_extract(CAST(p.state AS TEXT), '$.step') FROM {table} p "
+            "WHERE p.originator_id = :id AND p.originator_version = :version - 1 "
+            "AND substr(p.state, 1, 1) = X'7B')"
+        )
+        ends = (
+            f"UPDATE {status} SET status = COALESCE(json_extract({state}, '$.to_state'), "
+            f"status), step = COALESCE(json_extract({state}, '$.step'), {previous_step}, step), "
+            f"version = :version, updated_at = COALESCE({at}, updated_at) "
+            f"WHERE saga_id = :id AND version < :version AND {json}",
+            f"DELETE FROM {flight} WHERE saga_id = :id AND {json}",
+        )
+        return {
+            "saga_es:SagaStarted": (
+                f"INSERT OR REPLACE INTO {status} SELECT :id, json_extract({state}, '$.name'), "
+                f"json_extract({state}, '$.definition_version'), json_extract({state}, '$.key'), "
+                f"json_extract({state}, '$.to_state'), NULL, :version, {at}, {at} "
+                f"WHERE {started}",
+                f"INSERT OR IGNORE INTO {flight} SELECT :id WHERE {started}",
+            ),
+            # A person resolving a stuck saga puts it back in flight.
+            "saga_es:SagaResolved": (f"INSERT OR IGNORE INTO {flight} SELECT :id WHERE {json}",),
+            **{f"saga_es:{event}": ends for event in _ENDING_EVENTS},
+        }
+
+    def _project(
+        self, c: sqlite3.Cursor | sqlite3.Connection, events: Sequence[StoredEvent]
+    ) -> None:
+        """Keep the status rows for those of `events` that move a saga in or out of flight."""
+        projections = self._projections
+        for s in events:
+            statements = projections.get(s.topic)
+            if statements:
+                originator_id = s.originator_id
+                values = {
+                    "id": originator_id.hex if isinstance(originator_id, UUID) else originator_id,
+                    "version": s.originator_version,
+                    "state": s.state,
+                }
+                for statement in statements:
+                    c.execute(statement, values)
 
     def select_statuses(self, query: StatusQuery) -> list[SagaStatus]:
         """The page of rows `query` asks for, ordered by (started_at, saga_id)."""
@@ -298,8 +328,8 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     ) -> Sequence[int] | None:
         """Insert the events in one transaction on the writer connection; their rowids.
 
-        `saga_statuses=[...]` (given when the states are ciphered or compressed, so the
-        triggers cannot read them) are upserted in the same transaction.
+        `saga_statuses=[...]` (given when the states are ciphered or compressed, so SQL
+        cannot read them) are upserted in the same transaction.
         """
         pool = self.datastore.pool
         if pool.is_sqlite_memory_mode:
@@ -314,11 +344,15 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
                 writer = self._writer = self._open_writer()
             if one_statement:  # the common case, straight on the driver's connection
                 try:
-                    if statuses:  # the events' statement and the rows: one transaction
+                    projections = self._projections
+                    if statuses or any(s.topic in projections for s in stored_events):
+                        # The events' statement and the status rows: one transaction.
                         conn = writer._sqlite_conn
                         conn.execute("BEGIN")
                         rowids = self._insert_in_one_statement(writer, stored_events)
-                        self._upsert_statuses(conn.cursor(), statuses)
+                        self._project(conn, stored_events)
+                        if statuses:
+                            self._upsert_statuses(conn.cursor(), statuses)
                         conn.commit()
                         return rowids
                     return self._insert_in_one_statement(writer, stored_events)
@@ -345,15 +379,13 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             return ids
 
     def _open_writer(self) -> SQLiteConnection:
-        """The connection saves go through: the pool's, or one of its own for status rows.
+        """The connection saves go through: one of its own, closed by `close()`.
 
-        The pool's connections cache one prepared statement. A save with status rows runs
-        several, so each would prepare the events' INSERT (and its triggers) again: those
-        saves get a connection of their own, with a statement cache, closed by `close()`.
+        The pool's connections cache one prepared statement. A save that starts or ends a
+        saga runs several (the events' INSERT, then its status rows), so each would be
+        prepared again on every such save: the writer has a statement cache instead.
         """
         pool = self.datastore.pool
-        if not self.wants_status_rows:
-            return pool.get_connection()
         conn = sqlite3.connect(
             pool.db_name,
             uri=True,
@@ -367,7 +399,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         return SQLiteConnection(conn, max_age=None)
 
     def close(self) -> None:
-        """Close the connection of its own that saves with status rows use, if any."""
+        """Close the writer's connection, if it opened one."""
         with self._writer_lock:
             writer, self._writer = self._writer, None
             if writer is not None and self._own_writer:
@@ -377,8 +409,9 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        """The events as eventsourcing inserts them, then the `saga_statuses` rows given."""
+        """The events as eventsourcing inserts them, their status rows, the rows given."""
         ids = super()._insert_events(c, stored_events, **kwargs)
+        self._project(c.sqlite_cursor, stored_events)
         statuses: Sequence[SagaStatus] = kwargs.get("saga_statuses") or ()
         if statuses:
             self._upsert_statuses(c.sqlite_cursor, statuses)
@@ -404,8 +437,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
             )
         cursor = writer._sqlite_conn.execute(statement, params)
         # One statement's rows take consecutive rowids in VALUES order (one writer at a
-        # time), and `lastrowid` is the outer statement's last row even when triggers
-        # insert rows of their own.
+        # time), and `lastrowid` is its last row.
         last = cursor.lastrowid
         assert last is not None
         return list(range(last - count + 1, last + 1))
@@ -428,8 +460,8 @@ def _status(row: Any) -> SagaStatus:
 class SQLiteSagaProcessRecorder(SQLiteTrackingRecorder, SQLiteWriterRecorder, ProcessRecorder):
     """`SQLiteWriterRecorder` plus a tracking table: the recorder of a `SagaProcess`.
 
-    A save that carries a tracking record inserts the events (the triggers write the status
-    rows) and the tracking row in one transaction on the writer connection, so a domain
+    A save that carries a tracking record inserts the events, their status rows and the
+    tracking row in one transaction on the writer connection, so a domain
     event whose processing committed is never processed again. The tracking table is
     named by the caller (`SagaProcess` uses `<name>_tracking`) instead of eventsourcing's
     fixed `tracking`, so that process applications can share one SQLite file.

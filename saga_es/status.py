@@ -140,8 +140,9 @@ class StatusRecorder(Protocol):
     """What a recorder offers on top of eventsourcing's: the status rows.
 
     The rows are written in the same transaction as the events: either derived by the
-    database from the saga events inserted (SQLite: triggers; PostgreSQL: the insert
-    function; both read each event's JSON), or, when the recorder's `wants_status_rows`
+    database from the saga events inserted (SQLite: statements the recorder runs for the
+    events that start or end a saga; PostgreSQL: the insert function; both read each
+    event's JSON), or, when the recorder's `wants_status_rows`
     is true (POPO always; SQLite and PostgreSQL when the states are ciphered or
     compressed), computed by the application and passed as
     `insert_events(stored_events, saga_statuses=[...])`.

@@ -3,7 +3,7 @@ from pathlib import Path
 from uuid import uuid4
 
 from saga_es import Saga, SagaApplication
-from saga_es.status import SagaStatus
+from saga_es.status import IN_FLIGHT_STATES, SagaStatus
 
 
 def _saga(steps: int) -> Saga:
@@ -69,3 +69,30 @@ def test_a_live_view_from_an_earlier_release_is_replaced_when_the_application_st
     before = schema_version()
     with SagaApplication(env=env):
         assert schema_version() == before  # the current view is left as it is
+
+
+def test_the_triggers_of_an_earlier_release_are_dropped_and_the_rows_still_kept(
+    tmp_path: Path,
+) -> None:
+    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp_path / "t.db")}
+    with SagaApplication(env=env) as app:
+        table, status = app.recorder.events_table_name, app.recorder.status_table_name  # type: ignore[attr-defined]
+    with sqlite3.connect(tmp_path / "t.db") as conn:  # as an earlier release left them
+        for name in ("from_start", "ends", "resumes"):
+            conn.execute(
+                f"CREATE TRIGGER {status}_{name} AFTER INSERT ON {table} BEGIN SELECT 1; END"
+            )
+    with SagaApplication(env=env) as app:
+        with sqlite3.connect(tmp_path / "t.db") as conn:
+            assert (
+                conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+                == []
+            )
+        ended, running = _saga(2), _saga(1)
+        ended.complete()
+        app.save(ended, running)
+        assert sorted(app.sagas(), key=lambda row: row.saga_id) == sorted(
+            [SagaStatus.of(app.get(ended.id)), SagaStatus.of(app.get(running.id))],
+            key=lambda row: row.saga_id,
+        )
+        assert [row.saga_id for row in app.sagas(status=IN_FLIGHT_STATES)] == [running.id]
