@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum, IntEnum, StrEnum
-from typing import Any, cast
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
@@ -17,10 +17,10 @@ from eventsourcing.persistence import (
     IntegrityError,
     JSONTranscoder,
     StoredEvent,
-    Transcoding,
     TranscodingNotRegisteredError,
     UUIDAsHex,
 )
+from test_context import _transcoding
 
 from saga_es import Parallel, Retry, Saga, SagaApplication, SagaDefinition, Step, machine
 from saga_es.aggregate import _layout
@@ -42,20 +42,6 @@ class Currency(StrEnum):
 
 class Priority(IntEnum):
     HIGH = 2
-
-
-def _transcoding(kind: type, name: str, encode: Any, decode: Any) -> Transcoding:
-    cls = type(
-        f"{name}Transcoding",
-        (Transcoding,),
-        {
-            "type": kind,
-            "name": name,
-            "encode": lambda self, obj: encode(obj),
-            "decode": lambda self, data: decode(data),
-        },
-    )
-    return cast(Transcoding, cls())
 
 
 def _register(transcoder: JSONTranscoder) -> None:
