@@ -20,10 +20,11 @@ but writes a row only when what filters and indexes read changes: the saga
 starts, changes status, or is not in flight. Writing a row on every save cost
 about as much server time as the rest of the save: a new row version and five
 index entries. The usual boundary (running, then running) is told from its
-events alone, and other saves that change no row cost one lookup. A row in
-flight is `live`: readers take its step, version and time from the saga's latest
-event (`<status>_latest`, by the primary key, only for the rows of the page they
-read; the view `<status>_live` shows the table that way).
+events alone, and other saves that change no row cost one lookup. The row of a
+running or compensating saga is `live`: readers take its step, version and time
+from the saga's latest event (`<status>_latest`, by the primary key, only for the
+rows of the page they read; the view `<status>_live` shows the table that way).
+A pending saga's row is kept exact, so listing submitted sagas reads the table.
 
 It also keeps one pool connection and one cursor for its saves (under a lock of
 its own: the table lock lets one writer in at a time anyway) instead of borrowing
@@ -74,12 +75,18 @@ from psycopg.sql import SQL, Identifier, Literal
 from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.json import Jsonb
 
+from saga_es import machine
 from saga_es.errors import ConfigurationError, persistence_error
 from saga_es.settings import configuration_error
 from saga_es.status import IN_FLIGHT_STATES, STEADY_TOPICS, SagaStatus, StatusQuery, where
 
 _IN_FLIGHT = ", ".join(f"'{state}'" for state in IN_FLIGHT_STATES)
 """The states in flight, as an SQL list."""
+LIVE_STATES = (machine.RUNNING, machine.COMPENSATING)
+"""The states whose rows are `live`. A pending saga's row is kept exact instead: its
+few saves cost little, and the sagas a worker lists are mostly pending ones, whose
+rows are then read straight from the table."""
+_LIVE = ", ".join(f"'{state}'" for state in LIVE_STATES)
 _STEADY = ", ".join(f"'{topic}'" for topic in STEADY_TOPICS)
 """`STEADY_TOPICS`, as an SQL list."""
 _LIVE_COLUMNS = (
@@ -173,7 +180,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "AND substr(events[k].state, 1, 1) = '\\x7b'; "
                 "IF steady AND k = 1 THEN "
                 "saga_state := convert_from(events[1].state, 'UTF8')::jsonb->>'to_state'; "
-                "steady := saga_state IN (" + _IN_FLIGHT + "); "
+                "steady := saga_state IN (" + _LIVE + "); "
                 "ELSIF steady THEN "
                 "steady := saga_state = convert_from(events[k].state, 'UTF8')::jsonb->>'to_state'; "
                 "END IF; "
@@ -183,7 +190,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                 "IF EXISTS (SELECT FROM unnest(events) n "
                 "LEFT JOIN {schema}.{status} t ON t.saga_id = n.originator_id "
                 "WHERE n.topic LIKE 'saga_es:%' AND substr(n.state, 1, 1) = '\\x7b' "
-                "AND (t.live IS NOT TRUE OR t.status NOT IN (" + _IN_FLIGHT + ") "
+                "AND (t.live IS NOT TRUE OR t.status NOT IN (" + _LIVE + ") "
                 "OR t.status IS DISTINCT FROM convert_from(n.state, 'UTF8')::jsonb->>'to_state')) "
                 "THEN PERFORM {schema}.{status_function}(events); END IF; "
                 "END; "
@@ -317,7 +324,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "UPDATE {schema}.{status} t SET status = last_json->>'to_state', "
             "step = COALESCE(new_step, t.step), version = e.originator_version, "
             "updated_at = (last_json->'timestamp'->>'_data_')::timestamptz, "
-            "live = (last_json->>'to_state') IN (" + _IN_FLIGHT + ") "
+            "live = (last_json->>'to_state') IN (" + _LIVE + ") "
             "WHERE t.saga_id = e.originator_id AND t.version < e.originator_version; "
             "IF FOUND THEN RETURN; END IF; "
             "IF events[1].topic = 'saga_es:SagaStarted' "
@@ -330,7 +337,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "new_step, e.originator_version, "
             "(COALESCE(start_json, last_json)->'timestamp'->>'_data_')::timestamptz, "
             "(last_json->'timestamp'->>'_data_')::timestamptz, "
-            "(last_json->>'to_state') IN (" + _IN_FLIGHT + ")) "
+            "(last_json->>'to_state') IN (" + _LIVE + ")) "
             "ON CONFLICT (saga_id) DO NOTHING; "
             "RETURN; END IF; END IF; "
             "WITH saved AS (SELECT n.originator_id AS id, n.originator_version AS v, n.topic, "
@@ -346,10 +353,10 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
             "(SELECT p.step FROM {schema}.{latest}(l.id) p)), l.v, "
             "(COALESCE(st.j, l.j)->'timestamp'->>'_data_')::timestamptz, "
             "(l.j->'timestamp'->>'_data_')::timestamptz, "
-            "(l.j->>'to_state') IN (" + _IN_FLIGHT + ") "
+            "(l.j->>'to_state') IN (" + _LIVE + ") "
             "FROM latest l LEFT JOIN {schema}.{status} o ON o.saga_id = l.id "
             "LEFT JOIN saved st ON st.id = l.id AND st.topic = 'saga_es:SagaStarted' "
-            "WHERE o.live IS NOT TRUE OR o.status NOT IN (" + _IN_FLIGHT + ") "
+            "WHERE o.live IS NOT TRUE OR o.status NOT IN (" + _LIVE + ") "
             "OR o.status IS DISTINCT FROM l.j->>'to_state' "
             "ON CONFLICT (saga_id) DO UPDATE SET status = EXCLUDED.status, "
             "step = COALESCE(EXCLUDED.step, t.step), version = EXCLUDED.version, "
@@ -464,7 +471,7 @@ class PostgresOneCallRecorder(_CreatesInTurn, PostgresApplicationRecorder):
                         row.version,
                         row.started_at,
                         row.updated_at,
-                        live and row.status in IN_FLIGHT_STATES,
+                        live and row.status in LIVE_STATES,
                     ),
                 )
 

@@ -327,6 +327,22 @@ def test_a_boundary_that_changes_no_status_leaves_the_stored_row(
     assert _stored_row(pg_env, saga.id) == ("completed", "c", 8, False)
 
 
+def test_a_pending_sagas_row_is_kept_exact_so_listing_submitted_sagas_reads_the_table(
+    pg_env: Env, pg_app: SagaApplication
+) -> None:
+    saga = _started()
+    pg_app.save(saga)
+    assert _stored_row(pg_env, saga.id) == ("pending", None, 1, False)
+    saga.request_cancel(by="ops", reason="not wanted")  # steady, but the saga is pending
+    pg_app.save(saga)
+    assert _stored_row(pg_env, saga.id) == ("pending", None, 2, False)
+    assert _reads_as_its_events(pg_app, saga.id).version == 2
+    other = _started(key="other")
+    other.start_step("a", 1)
+    pg_app.save(other)
+    assert _stored_row(pg_env, other.id) == ("running", "a", 2, True)
+
+
 def test_rows_written_by_a_rebuild_or_an_earlier_release_read_right(
     pg_env: Env, pg_app: SagaApplication, open_app: Callable[[Env], SagaApplication]
 ) -> None:
