@@ -967,7 +967,8 @@ class SagaApplication(Application[UUID]):
 
         Answered from the status projection, never by replaying streams; page on with
         `after=` the last row's `saga_id`. An unknown status or a malformed cursor is a
-        `ValueError` naming it.
+        `ValueError` naming it; a cursor naming no stored saga is `SagaNotFound` (an empty
+        page would read as "no more sagas").
         """
         statuses = (status,) if isinstance(status, str) else tuple(status)
         unknown = [s for s in statuses if s not in STATES or s == NEW]
@@ -991,7 +992,10 @@ class SagaApplication(Application[UUID]):
             after=after,
             limit=limit,
         )
-        return self._status_recorder.select_statuses(query)
+        rows = self._status_recorder.select_statuses(query)
+        if not rows and after is not None and not self.recorder.select_events(after, limit=1):
+            raise SagaNotFound(after)
+        return rows
 
     statuses = sagas
     """`sagas` under the name of the projection it reads."""

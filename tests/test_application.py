@@ -588,6 +588,10 @@ def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
         app.sagas(after="page-2")
     with pytest.raises(ValueError, match="limit"):
         app.sagas(limit=0)
+    assert app.sagas(after=ids[-1]) == []  # the last page: past the last saga, none
+    stranger = uuid4()
+    with pytest.raises(SagaNotFound, match=str(stranger)):  # not "no more sagas"
+        app.sagas(after=stranger)
 
 
 # -- cancel --------------------------------------------------------------------------------

@@ -440,6 +440,11 @@ def test_list_refuses_a_malformed_cursor_with_a_message(tmp_path: Path) -> None:
     assert "--after" in bad.output
     assert "not-an-id" in bad.output
     assert bad.exception is None or isinstance(bad.exception, SystemExit)
+    stranger = "00000000-0000-4000-8000-000000000000"
+    unknown = runner.invoke(cli, ["list", "--db", str(db), "--after", stranger])
+    assert unknown.exit_code == 1
+    assert f"no saga with id {stranger}" in unknown.output
+    assert unknown.exception is None or isinstance(unknown.exception, SystemExit)
 
 
 SHOP_APP = """
