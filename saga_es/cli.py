@@ -32,7 +32,13 @@ from saga_es.aggregate import Saga
 from saga_es.application import SagaApplication
 from saga_es.bench import bench_command
 from saga_es.definition import SagaDefinition
-from saga_es.errors import ConfigurationError, DefinitionNotFound, SagaError, SagaNotFound
+from saga_es.errors import (
+    ConfigurationError,
+    DefinitionNotFound,
+    SagaError,
+    SagaNotFound,
+    UnreadableEvent,
+)
 from saga_es.machine import STATES
 from saga_es.timeline import render
 
@@ -282,9 +288,19 @@ def stats(
 @click.option("--at", "version", type=int, default=None, help="Show the saga as of event N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the history records as JSON.")
 def show(saga_id: str, db: str | None, version: int | None, as_json: bool) -> None:
-    """Show one saga's timeline, optionally as it was after event N."""
+    """Show one saga's timeline, optionally as it was after event N.
+
+    An event that cannot be read ends the timeline: what comes before it is shown, then
+    the error names it (and the command fails), as a person debugging the saga needs.
+    """
     with _app(db) as app:
-        saga = app.get(saga_id, version=version)
+        try:
+            saga = app.get(saga_id, version=version)
+        except UnreadableEvent as e:
+            if as_json or e.version <= 1:
+                raise
+            _show_tree(app, _console(), app.get(saga_id, version=e.version - 1), depth=0)
+            raise
         if as_json:
             history = app.history(saga.id, strict=version is None)[: saga.version]
             click.echo(json.dumps([r.to_dict() for r in history], indent=2, default=str))

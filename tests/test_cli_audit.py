@@ -124,6 +124,8 @@ def test_show_at_n_reads_a_saga_whose_later_event_cannot_be_read(
     assert whole.returncode == 1
     assert len(whole.stderr.strip().splitlines()) == 1
     assert f"version {ghost} (shop:GhostEvent) cannot be read" in whole.stderr
+    assert "SagaCompleted" in whole.stdout  # the timeline up to it, for whoever debugs it
+    assert "GhostEvent" not in whole.stdout
     beyond = saga_es(env, "show", str(saga.id), "--at", str(ghost))
     assert beyond.returncode == 1
     assert "cannot be read" in beyond.stderr
