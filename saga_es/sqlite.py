@@ -78,7 +78,7 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
     wants_status_rows = False
     """The status rows are derived from the saga events saved, in the same transaction.
 
-    Triggers read JSON only: when the mapper ciphers or compresses the states,
+    They are read from JSON only: when the mapper ciphers or compresses the states,
     `SagaApplication` sets this to True on the recorder and passes the rows itself
     (`insert_events(..., saga_statuses=[...])`), written in the same transaction.
     """
