@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from saga_es.breaker import CircuitBreaker
@@ -44,6 +45,27 @@ Reconcile = Callable[[Any, str], Any]
 """`reconcile(context, key) -> bool`: plain or async; True if the interrupted call took effect."""
 
 Errors = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def _refuses_two_arguments(fn: Callable[..., Any]) -> str | None:
+    """The signature of `fn` if it cannot take `(context, key)`: caught here, not mid-saga.
+
+    A callable whose signature Python cannot read (some builtins) is given the benefit
+    of the doubt.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}{signature}"
+    return None
+
+
+# A deadline this many seconds ahead is past the largest date a timestamp can hold.
+_LONGEST_DEADLINE = (datetime.max.replace(tzinfo=UTC) - datetime.now(UTC)) / 2
 
 
 def _positive(value: Any, *, allow_zero: bool = False) -> bool:
@@ -187,6 +209,7 @@ class Step:
         if not callable(self.action):
             raise DefinitionError(f"step {self.name!r}: action must be callable")
         for label, fn in (
+            ("action", self.action),
             ("compensation", self.compensation),
             ("reconcile", self.reconcile),
             ("reconcile_compensation", self.reconcile_compensation),
@@ -195,6 +218,12 @@ class Step:
         ):
             if fn is not None and not callable(fn):
                 raise DefinitionError(f"step {self.name!r}: {label} must be callable or None")
+            refused = None if fn is None else _refuses_two_arguments(fn)
+            if refused is not None:
+                raise DefinitionError(
+                    f"step {self.name!r}: {label} is called with (context, key), "
+                    f"but {refused} cannot take them"
+                )
         owner = f"step {self.name!r}"
         if self.fallback is None and self.fallback_compensation is not None:
             raise DefinitionError(f"{owner}: fallback_compensation needs a fallback")
@@ -381,6 +410,11 @@ class SagaDefinition:
         if deadline is not None and not (_positive(deadline) and math.isfinite(deadline)):
             raise DefinitionError(
                 f"saga {name!r}: deadline must be a finite number of seconds > 0, got {deadline!r}"
+            )
+        if deadline is not None and deadline > _LONGEST_DEADLINE.total_seconds():
+            raise DefinitionError(
+                f"saga {name!r}: a deadline of {deadline!r} seconds ends past the largest "
+                "date a timestamp can hold"
             )
         items = tuple(steps)
         if not items:

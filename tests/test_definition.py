@@ -153,3 +153,54 @@ def test_a_missing_compensation_is_not_async() -> None:
     assert Step("a", aact).compensation_is_async is False
     assert Step("a", aact, compensation=act).compensation_is_async is False
     assert Step("a", act, compensation=aact).compensation_is_async is True
+
+
+def takes_three(context: Any, key: str, extra: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("label", "fn"),
+    [
+        ("action", lambda context: None),
+        ("action", takes_three),
+        ("compensation", lambda: None),
+        ("fallback", lambda context: None),
+        ("fallback_compensation", lambda context: None),
+        ("reconcile", lambda context: True),
+        ("reconcile_compensation", lambda context: True),
+    ],
+    ids=["one-arg", "three-args", "compensation", "fallback", "fb-comp", "rec", "rec-comp"],
+)
+def test_a_callable_that_cannot_take_context_and_key_is_refused_at_definition_time(
+    label: str, fn: Any
+) -> None:
+    kwargs: dict[str, Any] = {label: fn}
+    if label == "fallback_compensation":
+        kwargs["fallback"] = act
+    if label == "reconcile_compensation":
+        kwargs["compensation"] = act
+    action = kwargs.pop("action", act)
+    with pytest.raises(DefinitionError, match=rf"{label} is called with \(context, key\)"):
+        Step("reserve", action, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda *args: None,
+        lambda context, key, extra=None: None,
+        functools.partial(takes_three, "bound context"),
+        max,  # a builtin whose signature cannot be read is given the benefit of the doubt
+    ],
+    ids=["varargs", "default", "partial", "builtin"],
+)
+def test_callables_that_can_take_context_and_key_are_accepted(fn: Any) -> None:
+    assert Step("reserve", fn, compensation=fn).action is fn
+
+
+@pytest.mark.parametrize("deadline", [1e12, 1e300])
+def test_a_deadline_past_the_largest_date_is_refused_at_definition_time(deadline: float) -> None:
+    with pytest.raises(DefinitionError, match="past the largest date"):
+        SagaDefinition("order", [Step("a", act)], deadline=deadline)
+    assert SagaDefinition("order", [Step("a", act)], deadline=1e9).deadline == 1e9
