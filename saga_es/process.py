@@ -5,8 +5,10 @@ map domain event types to the saga each one starts and how to build that saga's 
 from the event. For each domain event the policy records a *pending* saga (its
 `SagaStarted`), and eventsourcing saves it with the tracking record of that event in one
 transaction, the status row included: a domain event delivered twice starts one saga.
-No step runs inside the policy: `work()` (here, or in a worker process over the same
-store) runs the sagas once they are committed.
+No step runs inside the policy: once that transaction has committed, the process runs the
+sagas it started to their end, in the runner's thread. With `run_sagas = False` (or the
+`RUN_SAGAS=no` setting) it only records them, and `work()` (here, or in worker processes
+over the same store) runs them.
 
 A `SagaProcess` is a `SagaApplication` too (`submit`, `work`, `sagas`, `history`, ...).
 Its tables are named after it on every durable store, `<name>_events`,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -38,17 +41,21 @@ from eventsourcing.persistence import (
 from eventsourcing.popo import POPOFactory
 from eventsourcing.sqlite import SQLiteAggregateRecorder, SQLiteFactory
 from eventsourcing.system import ProcessApplication
-from eventsourcing.utils import EnvType, get_topic
+from eventsourcing.utils import EnvType, get_topic, strtobool
 
+from saga_es import runner, tracing
 from saga_es.aggregate import Saga
 from saga_es.application import SAGA_KEY_NAMESPACE, SagaApplication, _log_events
 from saga_es.definition import SagaDefinition
 from saga_es.errors import ConfigurationError, ContextError, SagaError
 from saga_es.popo import POPOSagaProcessRecorder
+from saga_es.status import saga_log_fields
 
 log = logging.getLogger("saga_es")
 
 _PROCESS_RECORDER_TOPIC = InfrastructureFactory.PROCESS_RECORDER_TOPIC
+RUN_SAGAS = "RUN_SAGAS"
+"""The setting that overrides `SagaProcess.run_sagas` (yes or no)."""
 _TABLE_PREFIX = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -148,6 +155,13 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
     starts: ClassVar[Starts] = {}
     """Domain event type → the `StartSaga` (or several) it triggers."""
 
+    run_sagas: ClassVar[bool] = True
+    """Run the sagas a domain event started once they are committed, in the runner's thread.
+
+    `False` (or the setting `RUN_SAGAS=no`) leaves them pending for `work()`, so that worker
+    processes run them and the runner's thread only records.
+    """
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _starts(cls.starts)  # a mistake in the mapping fails at import, not at the first event
@@ -156,6 +170,12 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         """Open the store as `SagaApplication` does (same options) and register the definitions."""
         super().__init__(env, **options)
         self._starts = _starts(self.starts)
+        raw = self.env.get(RUN_SAGAS)
+        try:
+            self._runs_sagas = self.run_sagas if raw is None else bool(strtobool(raw))
+        except ValueError:
+            raise ConfigurationError(RUN_SAGAS, f"expected yes or no, got {raw!r}") from None
+        self._started = threading.local()  # the sagas this thread's processing recorded
         self.register(*(start.definition for group in self._starts.values() for start in group))
 
     # -- the policy ------------------------------------------------------------------------
@@ -167,9 +187,10 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
     ) -> None:
         """Collect a pending saga for each `StartSaga` mapped to the event's type.
 
-        Nothing runs here: the sagas are saved with the tracking record, and `work()` runs
-        them after that commit. A saga already started under the same key is not started
-        again; a context or key that cannot be built is recorded as a `StartFailure`.
+        Nothing runs here: the sagas are saved with the tracking record, and run after
+        that commit (by `process_event`, or by `work()`). A saga already started under
+        the same key is not started again; a context or key that cannot be built is
+        recorded as a `StartFailure`.
         """
         for start in self._starts_for(type(domain_event)):
             try:
@@ -201,6 +222,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         event is processed once more, and then finds that saga instead of starting one.
         """
         for attempt in (1, 2):
+            self._started.sagas = []
             try:
                 super().process_event(domain_event, tracking)
             except IntegrityError:
@@ -211,7 +233,37 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
                 if attempt == 2:
                     raise
             else:
+                started, self._started.sagas = self._started.sagas, []
+                for saga in started:
+                    self._run_started(saga)
                 return
+
+    def _run_started(self, saga: Saga) -> None:
+        """Run a saga just committed by the policy to its end, as a worker would.
+
+        The domain event is processed already: a saga that cannot go on here (its store
+        failed, say) is logged and left in flight for `work()` or `recover()`, and the
+        runner goes on with the next event.
+        """
+        try:
+            definition = self.definition(saga.name, saga.definition_version)
+            with tracing.saga_span(saga, "run"):
+                first = runner.resume(saga, definition, self.max_resumptions)
+                self._save(saga)  # a worker that took it first makes this append fail
+                check, clock, reload = self._check_encodable, self.clock, self.get
+                runner.run(saga, definition, self._save, check, first, clock, reload)
+        except IntegrityError:
+            log.info(
+                "saga %s was taken by a worker first: left to it",
+                saga.id,
+                extra=saga_log_fields(saga),
+            )
+        except Exception:
+            log.exception(
+                "saga %s stopped before its end; work() or recover() resumes it",
+                saga.id,
+                extra=saga_log_fields(saga),
+            )
 
     def _record(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
         """Save, then log each saga started and each `StartFailure` saved.
@@ -220,6 +272,10 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         """
         recordings = super()._record(processing_event)
         if processing_event.tracking is not None:  # a domain event's; `work()` logs its own
+            if self._runs_sagas:
+                self._started.sagas = [
+                    saga for saga in processing_event.aggregates.values() if isinstance(saga, Saga)
+                ]
             events = cast(list[Saga.Event], processing_event.events)
             _log_events(
                 [

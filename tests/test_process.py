@@ -14,10 +14,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 import pytest
@@ -108,7 +109,10 @@ def payment_context(placed: Any) -> dict[str, Any]:
 
 
 class PaymentSagas(SagaProcess):
+    """Records pending sagas for `work()`, as a system whose workers run them would."""
+
     starts = {Order.Placed: StartSaga(payment, context=payment_context)}  # noqa: RUF012
+    run_sagas = False
 
 
 class OnePerCustomer(SagaProcess):
@@ -119,6 +123,7 @@ class OnePerCustomer(SagaProcess):
             payment, context=payment_context, key=lambda placed: placed.customer
         )
     }
+    run_sagas = False
 
 
 class FailuresPerStep:
@@ -236,6 +241,143 @@ def test_an_order_placed_starts_one_pending_saga_that_work_runs(
     assert declined.compensated == ["reserve"]
     assert sorted(EFFECTS) == ["charge ada 30", "release bob", "reserve ada", "reserve bob"]
     assert payments.verify() == []
+
+
+class Payments(SagaProcess):
+    """Runs the sagas it starts once they are committed: the default."""
+
+    starts = {Order.Placed: StartSaga(payment, context=payment_context)}  # noqa: RUF012
+
+
+def ended(payments: SagaProcess, *saga_ids: UUID, timeout: float = 20) -> list[Any]:
+    """The sagas, once each has ended (a multi-threaded runner runs them in its own thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sagas = [payments.get(saga_id) for saga_id in saga_ids]
+        except SagaNotFound:
+            sagas = []
+        if sagas and all(saga.status in saga_es.TERMINAL_STATES for saga in sagas):
+            return sagas
+        assert time.monotonic() < deadline, f"not ended after {timeout} s: {sagas}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("runner_class", RUNNERS, ids=lambda c: c.__name__)
+def test_an_order_placed_runs_its_payment_saga_once_it_is_committed(
+    systems: Callable[..., Runner[Any]], runner_class: type[Runner[Any]]
+) -> None:
+    runner = systems(runner_class, pipes=[[Orders, Payments]])
+    orders, payments = runner.get(Orders), runner.get(Payments)
+    ada = orders.place("ada", 30)
+    if runner_class is SingleThreadedRunner:  # processed, and run, before `place` returns
+        assert payments.get(saga_of(ada)).status == "completed"
+    bob = orders.place("bob", 50, card="declined")
+
+    paid, declined = ended(payments, saga_of(ada), saga_of(bob))
+    assert (paid.status, paid.key, paid.context["customer"]) == ("completed", f"{ada}:1", "ada")
+    assert (declined.status, declined.compensated) == ("compensated", ["reserve"])
+    assert EFFECTS == ["reserve ada", "charge ada 30", "reserve bob", "release bob"]
+    assert payments.verify() == []
+    # Nothing is left for a worker, and a redelivered event runs nothing twice.
+    assert payments.work(until_idle=True).resumed == []
+    payments.pull_and_process("Orders", start=0)
+    assert len(EFFECTS) == 4
+    assert payments.stats() == {("payment", "completed"): 1, ("payment", "compensated"): 1}
+
+
+class Witnessed(SagaProcess):
+    """Its first step looks at what its own store holds when it runs."""
+
+    app: ClassVar[SagaProcess | None] = None
+    seen: ClassVar[list[tuple[int | None, list[str]]]] = []
+
+    @staticmethod
+    def look(context: dict[str, Any], key: str) -> None:
+        app = Witnessed.app
+        assert app is not None
+        saga_id = app.saga_id("witnessed", context["key"])
+        topics = [e.topic for e in app.recorder.select_events(saga_id)]
+        Witnessed.seen.append((app.recorder.max_tracking_id("Orders"), topics))
+
+    starts = {  # noqa: RUF012
+        Order.Placed: StartSaga(
+            SagaDefinition("witnessed", [Step("look", look)]),
+            context=lambda placed: {"key": f"{placed.originator_id}:1"},
+        )
+    }
+
+
+def test_the_first_action_runs_after_the_saga_and_tracking_record_are_committed(
+    standalone: Callable[..., Any],
+) -> None:
+    Witnessed.seen.clear()
+    orders: Orders = standalone(Orders)
+    Witnessed.app = witnessed = standalone(Witnessed)
+    orders.place("ada", 30)
+    (placed,) = orders_log(orders)
+    witnessed.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+    # The step saw the tracking record and its saga's start (and its own StepStarted) stored.
+    assert Witnessed.seen == [
+        (placed.id, ["saga_es:SagaStarted", "saga_es:StepStarted"]),
+    ]
+    assert witnessed.stats() == {("witnessed", "completed"): 1}
+
+
+def test_a_saga_that_cannot_go_on_here_is_logged_and_left_in_flight_for_work(
+    standalone: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    def slow(payment: dict[str, Any], key: str) -> None:
+        time.sleep(0.3)
+
+    def unsure(payment: dict[str, Any], key: str) -> bool:
+        raise ConnectionError("the supplier is down")
+
+    class Unsure(SagaProcess):
+        starts = {  # noqa: RUF012
+            Order.Placed: StartSaga(
+                SagaDefinition("unsure", [Step("charge", slow, timeout=0.05, reconcile=unsure)]),
+                context=payment_context,
+            )
+        }
+
+    orders: Orders = standalone(Orders)
+    process = standalone(Unsure)
+    ada = orders.place("ada", 30)
+    (placed,) = orders_log(orders)
+    with caplog.at_level(logging.ERROR, logger="saga_es"):
+        # The domain event is processed (its tracking record committed) whatever the saga does.
+        process.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+    assert process.recorder.max_tracking_id("Orders") == placed.id
+    saga = process.get(process.saga_id("unsure", f"{ada}:1"))
+    assert saga.status == "running"
+    assert any(
+        "stopped before its end" in r.getMessage() and str(saga.id) in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("value", ["no", "n", "false", "0"])
+def test_the_run_sagas_setting_leaves_started_sagas_pending_for_work(
+    standalone: Callable[..., Any], env: Env, value: str
+) -> None:
+    orders: Orders = standalone(Orders)
+    payments = Payments(env={**env, "RUN_SAGAS": value})
+    try:
+        ada = orders.place("ada", 30)
+        (placed,) = orders_log(orders)
+        payments.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+        assert payments.get(saga_of(ada)).status == "pending"
+        assert EFFECTS == []
+        payments.work(until_idle=True)
+        assert payments.get(saga_of(ada)).status == "completed"
+    finally:
+        payments.close()
+
+
+def test_a_malformed_run_sagas_setting_names_the_setting(env: Env) -> None:
+    with pytest.raises(saga_es.ConfigurationError, match=r"RUN_SAGAS.*maybe"):
+        Payments(env={**env, "RUN_SAGAS": "maybe"})
 
 
 @pytest.mark.parametrize("runner_class", RUNNERS, ids=lambda c: c.__name__)
@@ -541,7 +683,9 @@ def test_one_event_may_start_several_sagas_and_options_reach_the_application(
     orders.place("ada", 30)
     (placed,) = orders_log(orders)
     process.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
-    assert process.stats() == {("payment", "pending"): 1, ("refund-window", "pending"): 1}
+    # Both were run once committed, one after the other, in the order they are mapped.
+    assert process.stats() == {("payment", "completed"): 1, ("refund-window", "completed"): 1}
+    assert EFFECTS == ["reserve ada", "charge ada 30", "reserve ada"]
 
 
 def test_saga_process_is_exported_and_is_an_eventsourcing_process_application() -> None:
