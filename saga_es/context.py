@@ -31,11 +31,13 @@ class SagaTranscoder(JSONTranscoder):
     tuple by itself, so a transcoding registered for such a type is never asked, and the
     value would come back as a plain `str`, `int` or list. This transcoder applies the
     registered transcoding first. Until one is registered for such a type, it encodes
-    exactly as `JSONTranscoder` does, at the same cost.
+    exactly as `JSONTranscoder` does, at the same cost, except that it refuses NaN and
+    Infinity (`ValueError`): they are not JSON, and PostgreSQL and SQLite refuse them.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.encoder.allow_nan = False
         self._natives: set[type] = set()
         self._encoder_seen = self.encoder
         self._encode_fast = _one_shot_encoder(self.encoder)
