@@ -150,6 +150,18 @@ def from_state(topic: str, state: State) -> Any:
     return cls(**fresh)
 
 
+def storable_text(text: str) -> str:
+    """`text` with what no store can hold escaped: NUL (PostgreSQL) and lone surrogates (UTF-8).
+
+    An error's message is user text that a saga must record however odd it is: if it
+    could not be stored, the failure would never be written and the saga never end.
+    """
+    if text.isascii() and "\x00" not in text:
+        return text
+    escaped = text.replace("\x00", "\\x00")
+    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def diff(before: State, after: State) -> tuple[State, list[str]]:
     """What changed from `before` to `after`: new values, and removed field names."""
     changes = {k: v for k, v in after.items() if k not in before or before[k] != v}
