@@ -724,6 +724,8 @@ class SagaApplication(Application[UUID]):
     def get(self, saga_id: UUID | str, version: int | None = None) -> Saga:
         """The saga as it is now, or as it was right after event number `version`."""
         saga_id = _as_uuid(saga_id)
+        if version is not None and not isinstance(version, int):  # "2" would fail deep inside
+            raise TypeError(f"version must be an int >= 1 or None, got {version!r}")
         if version is not None and (isinstance(version, bool) or version < 1):
             raise VersionNotFound(saga_id, version, self._last_version(saga_id))
         try:

@@ -214,6 +214,15 @@ def test_a_version_outside_the_stream_is_refused(app: SagaApplication, version: 
     assert f"1..{last}" in str(error)
 
 
+@pytest.mark.parametrize("version", ["2", 1.5, 2.0])
+def test_a_version_that_is_not_an_int_is_refused_naming_it(
+    app: SagaApplication, version: Any
+) -> None:
+    saga = app.run(Counter().definition, {})
+    with pytest.raises(TypeError, match=f"version must be an int >= 1 or None, got {version!r}"):
+        app.get(saga.id, version=version)
+
+
 def test_an_unknown_saga_is_not_found(app: SagaApplication) -> None:
     app.run(Counter().definition, {})
     unknown = uuid4()
