@@ -376,11 +376,20 @@ def bad_postgres(pg_server: PgServer, **changes: str | None) -> Env:
     ("changes", "setting"),
     [
         ({"POSTGRES_PORT": "<free>"}, "POSTGRES_PORT"),
+        ({"POSTGRES_PORT": "abc"}, "POSTGRES_PORT"),
+        ({"POSTGRES_PORT": "70000"}, "POSTGRES_PORT"),
         ({"POSTGRES_PASSWORD": "wrong-pass-5c1f"}, "POSTGRES_PASSWORD"),
         ({"POSTGRES_DBNAME": None}, "POSTGRES_DBNAME"),
         ({"POSTGRES_DBNAME": "no_such_database"}, "POSTGRES_DBNAME"),
     ],
-    ids=["bad-port", "bad-password", "missing-dbname", "unknown-dbname"],
+    ids=[
+        "bad-port",
+        "port-not-a-number",
+        "port-out-of-range",
+        "bad-password",
+        "missing-dbname",
+        "unknown-dbname",
+    ],
 )
 def test_wrong_postgres_settings_name_the_setting_and_hide_the_password(
     pg_server: PgServer, changes: dict[str, str | None], setting: str
