@@ -707,8 +707,8 @@ class SagaApplication(Application[UUID]):
         if isinstance(transcoder, JSONTranscoder) and _plain_json(state) and _plain_json(result):
             return  # JSON takes these as they are: no need to encode them twice
         try:
-            transcoder.encode(state)
-            transcoder.encode(result)
+            _encode(transcoder, state)
+            _encode(transcoder, result)
         except (TypeError, ValueError):
             for name, value in [*state.items(), ("(result)", result)]:
                 _check_value(transcoder, name, value)
@@ -724,6 +724,8 @@ class SagaApplication(Application[UUID]):
     def get(self, saga_id: UUID | str, version: int | None = None) -> Saga:
         """The saga as it is now, or as it was right after event number `version`."""
         saga_id = _as_uuid(saga_id)
+        if version is not None and not isinstance(version, int):  # "2" would fail deep inside
+            raise TypeError(f"version must be an int >= 1 or None, got {version!r}")
         if version is not None and (isinstance(version, bool) or version < 1):
             raise VersionNotFound(saga_id, version, self._last_version(saga_id))
         try:
@@ -1183,23 +1185,51 @@ def _as_uuid(saga_id: UUID | str) -> UUID:
         raise SagaNotFound(saga_id) from None  # type: ignore[arg-type]
 
 
-_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_JSON_SCALARS = frozenset({int, bool, type(None)})
+"""Scalars every store takes as they are; a str or float only passes `_plain_scalar`."""
+
+
+def _plain_scalar(value: Any) -> bool:
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return True
+    if kind is str:  # a non-ASCII one may hold a lone surrogate: let the encoder judge it
+        return value.isascii() and "\x00" not in value
+    return kind is float and value - value == 0  # not NaN nor Infinity
 
 
 def _plain_json(value: Any) -> bool:
     """True for a scalar, or a flat dict (str keys) or list of scalars: always encodable."""
     kind = type(value)
-    if kind in _JSON_SCALARS:
-        return True
     if kind is dict:
-        return all(type(k) is str and type(v) in _JSON_SCALARS for k, v in value.items())
+        for k, v in value.items():  # a loop, not all(...): this runs at every boundary
+            if type(k) is not str or not k.isascii() or "\x00" in k:
+                return False
+            if type(v) not in _JSON_SCALARS and not _plain_scalar(v):
+                return False
+        return True
     if kind is list:
-        return all(type(v) in _JSON_SCALARS for v in value)
-    return False
+        return all(_plain_scalar(v) for v in value)
+    return _plain_scalar(value)
+
+
+_NUL = re.compile(rb"(?:^|[^\\])(?:\\\\)*\\u0000")
+"""A NUL character as JSON writes it (not an escaped backslash followed by `u0000`)."""
+
+
+def _encode(transcoder: Transcoder, value: Any) -> None:
+    """Encode `value` as it would be stored; `ValueError` for what a store would refuse.
+
+    PostgreSQL cannot hold a NUL character in JSON text: it is refused on every store,
+    so a saga can be moved from one to another.
+    """
+    encoded = transcoder.encode(value)
+    if isinstance(transcoder, JSONTranscoder) and _NUL.search(encoded):
+        raise ValueError("it holds the character NUL (\\x00), which PostgreSQL cannot store")
 
 
 def _check_value(transcoder: Transcoder, name: str, value: Any) -> None:
     try:
-        transcoder.encode(value)
+        _encode(transcoder, value)
     except (TypeError, ValueError) as e:
         raise ContextError(name, value, str(e).split(". Please")[0]) from None

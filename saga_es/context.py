@@ -31,11 +31,13 @@ class SagaTranscoder(JSONTranscoder):
     tuple by itself, so a transcoding registered for such a type is never asked, and the
     value would come back as a plain `str`, `int` or list. This transcoder applies the
     registered transcoding first. Until one is registered for such a type, it encodes
-    exactly as `JSONTranscoder` does, at the same cost.
+    exactly as `JSONTranscoder` does, at the same cost, except that it refuses NaN and
+    Infinity (`ValueError`): they are not JSON, and PostgreSQL and SQLite refuse them.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.encoder.allow_nan = False
         self._natives: set[type] = set()
         self._encoder_seen = self.encoder
         self._encode_fast = _one_shot_encoder(self.encoder)
@@ -146,6 +148,18 @@ def from_state(topic: str, state: State) -> Any:
     if _is_pydantic(cls):
         return cls.model_validate(fresh)
     return cls(**fresh)
+
+
+def storable_text(text: str) -> str:
+    """`text` with what no store can hold escaped: NUL (PostgreSQL) and lone surrogates (UTF-8).
+
+    An error's message is user text that a saga must record however odd it is: if it
+    could not be stored, the failure would never be written and the saga never end.
+    """
+    if text.isascii() and "\x00" not in text:
+        return text
+    escaped = text.replace("\x00", "\\x00")
+    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def diff(before: State, after: State) -> tuple[State, list[str]]:

@@ -745,6 +745,8 @@ def check_settings(env: Environment) -> None:
         if env.get(name) is None:
             return  # eventsourcing names a missing setting itself
     port = env.get("POSTGRES_PORT") or "5432"
+    if not (port.strip().isdecimal() and 1 <= int(port) <= 65535):  # libpq: "the host"
+        raise ConfigurationError("POSTGRES_PORT", f"must be a number from 1 to 65535, got {port!r}")
     tls = tls_options(env)
     target: dict[str, Any] = {
         "host": env.get("POSTGRES_HOST"),

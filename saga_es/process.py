@@ -46,6 +46,7 @@ from eventsourcing.utils import EnvType, get_topic, strtobool
 from saga_es import runner, tracing
 from saga_es.aggregate import Saga
 from saga_es.application import SAGA_KEY_NAMESPACE, SagaApplication, _log_events
+from saga_es.context import storable_text
 from saga_es.definition import SagaDefinition
 from saga_es.errors import ConfigurationError, ContextError, SagaError
 from saga_es.popo import POPOSagaProcessRecorder
@@ -326,7 +327,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
             event_id=str(domain_event.originator_id),
             event_version=domain_event.originator_version,
             error_type=type(error).__name__,
-            error_message=str(error),
+            error_message=storable_text(str(error)),
         )
 
     def start_failures(self) -> list[StartFailure]:

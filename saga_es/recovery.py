@@ -305,11 +305,17 @@ def store_unreachable(error: Exception, delay: float) -> float:
 
 
 def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) -> timedelta:
+    """The step's timeout; `inf` (or more than `timedelta` holds) means never take it over."""
     seconds = app.default_step_timeout
     if row.step is not None:
         with contextlib.suppress(SagaError):  # an unknown step fails when resumed
             seconds = definition.step(row.step).timeout or seconds
+    if seconds >= _ENDLESS:
+        return timedelta.max
     return timedelta(seconds=seconds)
+
+
+_ENDLESS = timedelta.max.total_seconds()
 
 
 def _failed(report: RecoveryReport, saga_id: UUID, error: Exception) -> None:

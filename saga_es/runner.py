@@ -27,7 +27,7 @@ from saga_es import tracing
 from saga_es.aggregate import Saga
 from saga_es.breaker import CLOSED, HALF_OPEN, OPEN
 from saga_es.clock import SYSTEM_CLOCK, Clock
-from saga_es.context import State, diff, from_state, to_state
+from saga_es.context import State, diff, from_state, storable_text, to_state
 from saga_es.definition import (
     COMPENSATE,
     CURRENT_APP,
@@ -504,7 +504,7 @@ class _ErrorFields(TypedDict):
 
 
 def _error_fields(error: Exception) -> _ErrorFields:
-    return {"error_type": type(error).__name__, "error_message": str(error)}
+    return {"error_type": type(error).__name__, "error_message": storable_text(str(error))}
 
 
 def _unknown(attempt: int) -> _ErrorFields:

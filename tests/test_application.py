@@ -214,6 +214,15 @@ def test_a_version_outside_the_stream_is_refused(app: SagaApplication, version: 
     assert f"1..{last}" in str(error)
 
 
+@pytest.mark.parametrize("version", ["2", 1.5, 2.0])
+def test_a_version_that_is_not_an_int_is_refused_naming_it(
+    app: SagaApplication, version: Any
+) -> None:
+    saga = app.run(Counter().definition, {})
+    with pytest.raises(TypeError, match=f"version must be an int >= 1 or None, got {version!r}"):
+        app.get(saga.id, version=version)
+
+
 def test_an_unknown_saga_is_not_found(app: SagaApplication) -> None:
     app.run(Counter().definition, {})
     unknown = uuid4()
@@ -367,11 +376,20 @@ def bad_postgres(pg_server: PgServer, **changes: str | None) -> Env:
     ("changes", "setting"),
     [
         ({"POSTGRES_PORT": "<free>"}, "POSTGRES_PORT"),
+        ({"POSTGRES_PORT": "abc"}, "POSTGRES_PORT"),
+        ({"POSTGRES_PORT": "70000"}, "POSTGRES_PORT"),
         ({"POSTGRES_PASSWORD": "wrong-pass-5c1f"}, "POSTGRES_PASSWORD"),
         ({"POSTGRES_DBNAME": None}, "POSTGRES_DBNAME"),
         ({"POSTGRES_DBNAME": "no_such_database"}, "POSTGRES_DBNAME"),
     ],
-    ids=["bad-port", "bad-password", "missing-dbname", "unknown-dbname"],
+    ids=[
+        "bad-port",
+        "port-not-a-number",
+        "port-out-of-range",
+        "bad-password",
+        "missing-dbname",
+        "unknown-dbname",
+    ],
 )
 def test_wrong_postgres_settings_name_the_setting_and_hide_the_password(
     pg_server: PgServer, changes: dict[str, str | None], setting: str

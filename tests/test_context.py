@@ -291,6 +291,61 @@ def test_a_step_that_makes_the_context_unserialisable_fails_cleanly(
     assert stored.error["type"] == "ContextError"
 
 
+# Values `json` writes but a store cannot take as they are: PostgreSQL's json refuses NaN,
+# Infinity and \u0000, SQLite's JSON functions refuse NaN and Infinity, and no store can
+# encode a lone surrogate as UTF-8. Every store refuses them alike, before anything is stored.
+UNSTORABLE = {
+    "nan": float("nan"),
+    "infinity": float("inf"),
+    "minus-infinity": float("-inf"),
+    "nul": "a\x00b",
+    "surrogate": "\ud800",
+    "nested-nan": {"inner": [1.5, float("nan")]},
+    "nested-nul": ["ok", {"inner": "\x00"}],
+}
+
+
+@pytest.mark.parametrize("value", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+def test_a_value_no_store_can_take_is_refused_at_start_naming_the_field(
+    value: Any, app: SagaApplication
+) -> None:
+    calls: list[str] = []
+    definition = SagaDefinition("bad", [Step("a", lambda c, k: calls.append(k))])
+    with pytest.raises(ContextError) as caught:
+        app.run(definition, {"ok": 1, "when": value}, key="k1")
+    assert caught.value.field == "when"
+    assert calls == []
+    assert list(app.stream_ids()) == []
+    assert app.statuses() == []
+
+
+@pytest.mark.parametrize("value", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+def test_a_step_that_stores_a_value_no_store_can_take_fails_cleanly(
+    value: Any, app: SagaApplication, reader: SagaApplication
+) -> None:
+    undone: list[str] = []
+
+    def spoil(context: dict[str, Any], key: str) -> None:
+        context["bad"] = value
+
+    definition = SagaDefinition(
+        "spoil",
+        [
+            Step("first", lambda c, k: None, compensation=lambda c, k: undone.append("first")),
+            Step("spoil", spoil),
+        ],
+    )
+    saga = app.run(definition, {"ok": 1})
+    assert saga.status == "compensated"
+    assert undone == ["first"]
+    stored = reader.get(saga.id)
+    assert (stored.status, stored.context) == ("compensated", {"ok": 1})
+    assert stored.error is not None
+    assert stored.error["type"] == "ContextError"
+    assert "'bad'" in stored.error["message"]
+    assert [(row.status, row.step) for row in reader.statuses()] == [("compensated", "first")]
+
+
 @pytest.mark.parametrize("store", DURABLE_STORES)
 def test_a_later_application_rebuilds_each_context_type(
     app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]

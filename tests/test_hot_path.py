@@ -105,8 +105,13 @@ def test_the_one_shot_encoder_is_eventsourcings_without_native_transcodings() ->
         if isinstance(value, date | tuple | Enum) or (isinstance(value, dict) and value):
             continue  # a type only SagaTranscoder's registrations know
         assert saga.encode(value) == plain.encode(value)
-    state = {"timestamp": AT, "id": uuid4(), "nan": math.nan, "inf": -math.inf}
+    state = {"timestamp": AT, "id": uuid4(), "big": 10**30, "tiny": -5e-324}
     assert saga.encode(state) == plain.encode(state)
+    plain.encoder.allow_nan = False  # SagaTranscoder refuses what no store would take
+    for value in (math.nan, math.inf, -math.inf):
+        for transcoder in (plain, saga):
+            with pytest.raises(ValueError, match="Out of range float values"):
+                transcoder.encode({"at": AT, "x": value})
 
 
 def test_the_one_shot_encoder_fails_as_the_general_path_does() -> None:

@@ -716,6 +716,23 @@ def test_a_steps_own_timeout_overrides_the_default(app: SagaApplication, shop: S
     assert app.get(other).status == "completed"
 
 
+@pytest.mark.parametrize("setting", ["inf", "1e300"])
+def test_an_endless_step_timeout_leaves_every_saga_in_flight_waiting(
+    env: Env, open_app: Callable[[Env], SagaApplication], shop: Shop, setting: str
+) -> None:
+    app = open_app({**env, "SAGA_STEP_TIMEOUT": setting})
+    shop.die = {("do", "b")}
+    saga_id = crash(app, shop.definition(), "k")
+    shop.die = {("do", "b")}
+    other = crash(app, shop.definition("own", b={"timeout": float(setting)}), "k")
+    history = moves(app, saga_id)
+
+    report = app.recover()
+
+    assert (set(report.waiting), report.failed) == ({saga_id, other}, {})
+    assert moves(app, saga_id) == history
+
+
 @pytest.mark.parametrize(
     ("given", "setting", "expected"),
     [(None, None, 60.0), (None, "2.5", 2.5), (7, "2.5", 7.0), (0, None, 0.0)],

@@ -183,6 +183,35 @@ def test_a_failing_step_is_recorded_and_completed_steps_are_compensated_in_rever
     assert "d" not in trip.steps()
 
 
+@pytest.mark.parametrize(
+    ("message", "stored"),
+    [("no\x00rooms", "no\\x00rooms"), ("no \ud800 rooms", "no \\ud800 rooms")],
+    ids=["nul", "surrogate"],
+)
+def test_an_error_message_no_store_can_hold_is_recorded_escaped(
+    app: SagaApplication, reader: SagaApplication, message: str, stored: str
+) -> None:
+    def fail(context: Any, key: str) -> None:
+        raise NoRooms(message)
+
+    def undo_fail(context: Any, key: str) -> None:
+        raise NoRooms(message)
+
+    definition = SagaDefinition(
+        "escaped", [Step("a", lambda c, k: None, lambda c, k: None), Step("b", fail)]
+    )
+    saga = app.run(definition, {})
+    assert saga.status == "compensated"
+    assert reader.get(saga.id).error == {"step": "b", "type": "NoRooms", "message": stored}
+    stuck = SagaDefinition(
+        "escaped-stuck", [Step("a", lambda c, k: None, undo_fail), Step("b", fail)]
+    )
+    saga = app.run(stuck, {})
+    assert saga.status == "stuck"
+    assert reader.get(saga.id).error == {"step": "a", "type": "NoRooms", "message": stored}
+    assert reader.verify() == []
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_steps_without_compensation_are_passed_over(app: SagaApplication, mode: str) -> None:
     trip = Trip("abcd", fail="d", no_undo="b")
