@@ -904,6 +904,8 @@ class SagaApplication(Application[UUID]):
             source_version=before.version,
             from_step=from_step,
             carried=carried,
+            keys={step: before.step_key(step) for step in carried},
+            fallbacks=[step for step in carried if step in before.on_fallback],
         )
         runner.begin(saga)
         if not self._save_start(saga):
