@@ -623,6 +623,28 @@ def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
         app.sagas(after=stranger)
 
 
+def test_a_query_with_a_filter_of_the_wrong_type_is_refused_the_same_on_every_store(
+    app: SagaApplication,
+) -> None:
+    """`status=None` means no filter; a name, key or time of the wrong type names itself."""
+    definition = SagaDefinition("typed", [Step("a", lambda c, k: None)])
+    saga = app.run(definition, {}, key="7")
+    assert [row.saga_id for row in app.sagas(status=None, name=None, key=None)] == [saga.id]
+    assert app.stats(status=None) == {("typed", "completed"): 1}
+    for bad, named in (
+        ({"name": 5}, "name="),
+        ({"key": 7}, "key="),
+        ({"status": 3}, "status"),
+        ({"status": [None]}, "status"),
+        ({"started_after": "2020-01-01"}, "started_after="),
+        ({"started_before": 0}, "started_before="),
+    ):
+        with pytest.raises(ValueError, match=named):
+            app.sagas(**bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=named):
+            app.stats(**bad)  # type: ignore[arg-type]
+
+
 # -- cancel --------------------------------------------------------------------------------
 
 
