@@ -39,7 +39,7 @@ class Saga(Aggregate):
     """
 
     TOPIC = "saga_es:Saga"
-    class_version = 4
+    class_version = 5
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -63,6 +63,14 @@ class Saga(Aggregate):
     def upcast_v3_v4(state: dict[str, Any]) -> None:
         """Snapshots before a parent's step named the child saga it starts."""
         state.setdefault("children", {})
+
+    @staticmethod
+    def upcast_v4_v5(state: dict[str, Any]) -> None:
+        """Snapshots before a fork kept the keys its carried-over steps ran with."""
+        forked: dict[str, Any] = state.get("forked_from") or {}
+        steps: list[str] = state.get("steps", [])
+        carried = steps[: steps.index(forked["from_step"])] if forked else []
+        state.setdefault("carried_keys", {s: f"{forked['saga_id']}:{s}" for s in carried})
 
     class Event(Aggregate.Event):
         """Base of every saga event: it names the state the saga is in after it."""
@@ -412,13 +420,30 @@ class Saga(Aggregate):
 
         TOPIC = "saga_es:SagaForked"
         trigger = "fork_saga"
+        class_version = 2
         source_saga_id: str
         source_version: int
         from_step: str
         carried: list[str]
+        keys: dict[str, str] = dataclasses.field(default_factory=dict)
+        """The idempotency key each carried-over step's action ran with (in the source, or
+        in the saga the source carried it from): its compensation here gets the same key."""
+        fallbacks: list[str] = dataclasses.field(default_factory=list)
+        """The carried-over steps whose fallback took effect: undone by its compensation."""
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Before a fork kept how its carried-over steps ran: keyed in the source."""
+            source = state["source_saga_id"]
+            state.setdefault("keys", {step: f"{source}:{step}" for step in state["carried"]})
+            state.setdefault("fallbacks", [])
 
         def evolve(self, saga: Saga) -> None:
-            """The carried-over steps count as completed, and are compensated if this one fails."""
+            """The carried-over steps count as completed, and are compensated if this one fails.
+
+            Each keeps the key it ran with, and its fallback if that took effect, so undoing
+            it here undoes what was done there (a nested step reverts the source's child).
+            """
             saga.forked_from = {
                 "saga_id": self.source_saga_id,
                 "version": self.source_version,
@@ -427,6 +452,8 @@ class Saga(Aggregate):
             for step in self.carried:
                 saga.completed.append(step)
                 saga.to_compensate.insert(0, step)
+            saga.carried_keys = dict(self.keys)
+            saga.on_fallback.extend(s for s in self.fallbacks if s not in saga.on_fallback)
 
     class CancelRequested(Event):
         """Someone asked the saga to stop: who and why.
@@ -501,6 +528,8 @@ class Saga(Aggregate):
         self.retrying: dict[str, float] = {}
         self.cancel_requested: dict[str, str] | None = None
         self.forked_from: dict[str, Any] | None = None
+        self.carried_keys: dict[str, str] = {}
+        """A fork's carried-over steps, with the idempotency key each ran with."""
         self.parent_saga_id: str | None = None
         """The saga whose step `parent_step` started this one (a nested saga), else None."""
         self.parent_step: str | None = None
@@ -680,7 +709,14 @@ class Saga(Aggregate):
         self._move(self.SagaReverted, parent_saga_id=parent_saga_id, parent_step=parent_step)
 
     def fork(
-        self, *, source_saga_id: str, source_version: int, from_step: str, carried: list[str]
+        self,
+        *,
+        source_saga_id: str,
+        source_version: int,
+        from_step: str,
+        carried: list[str],
+        keys: dict[str, str] | None = None,
+        fallbacks: list[str] | None = None,
     ) -> None:
         """Record that this saga continues another from `from_step`, carrying the steps before."""
         self._move(
@@ -689,6 +725,8 @@ class Saga(Aggregate):
             source_version=source_version,
             from_step=from_step,
             carried=carried,
+            keys={step: f"{source_saga_id}:{step}" for step in carried} if keys is None else keys,
+            fallbacks=[] if fallbacks is None else fallbacks,
         )
 
     def request_cancel(self, *, by: str, reason: str) -> None:
@@ -760,8 +798,11 @@ class Saga(Aggregate):
         return self.status in machine.TERMINAL_STATES
 
     def step_key(self, step: str) -> str:
-        """The idempotency key of `step` in this saga: the same on every attempt."""
-        return f"{self.id}:{step}"
+        """The idempotency key of `step` in this saga: the same on every attempt.
+
+        A fork's carried-over step keeps the key it ran with, so its compensation meets it.
+        """
+        return self.carried_keys.get(step) or f"{self.id}:{step}"
 
 
 _CHECK_TOPIC: Callable[[type], None] | None = getattr(

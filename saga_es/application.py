@@ -906,6 +906,8 @@ class SagaApplication(Application[UUID]):
             source_version=before.version,
             from_step=from_step,
             carried=carried,
+            keys={step: before.step_key(step) for step in carried},
+            fallbacks=[step for step in carried if step in before.on_fallback],
         )
         runner.begin(saga)
         if not self._save_start(saga):
@@ -957,7 +959,7 @@ class SagaApplication(Application[UUID]):
     def sagas(
         self,
         *,
-        status: str | Sequence[str] = (),
+        status: str | Sequence[str] | None = (),
         name: str | None = None,
         key: str | None = None,
         started_after: datetime | None = None,
@@ -972,12 +974,6 @@ class SagaApplication(Application[UUID]):
         `ValueError` naming it; a cursor naming no stored saga is `SagaNotFound` (an empty
         page would read as "no more sagas").
         """
-        statuses = (status,) if isinstance(status, str) else tuple(status)
-        unknown = [s for s in statuses if s not in STATES or s == NEW]
-        if unknown:
-            raise ValueError(
-                f"unknown saga status {unknown[0]!r}; expected one of {', '.join(STATES[1:])}"
-            )
         if after is not None and not isinstance(after, UUID):
             try:
                 after = UUID(str(after))
@@ -985,15 +981,7 @@ class SagaApplication(Application[UUID]):
                 raise ValueError(f"after= must be a saga id (a UUID), got {after!r}") from None
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
-        query = StatusQuery(
-            statuses=statuses,
-            name=name,
-            key=key,
-            started_after=started_after,
-            started_before=started_before,
-            after=after,
-            limit=limit,
-        )
+        query = _status_query(status, name, key, started_after, started_before, after, limit)
         rows = self._status_recorder.select_statuses(query)
         if not rows and after is not None and not self.recorder.select_events(after, limit=1):
             raise SagaNotFound(after)
@@ -1005,7 +993,7 @@ class SagaApplication(Application[UUID]):
     def stats(
         self,
         *,
-        status: str | Sequence[str] = (),
+        status: str | Sequence[str] | None = (),
         name: str | None = None,
         key: str | None = None,
         started_after: datetime | None = None,
@@ -1015,15 +1003,16 @@ class SagaApplication(Application[UUID]):
 
         The filters are `sagas`'s: with any, the matching rows are counted page by page.
         """
+        query = _status_query(status, name, key, started_after, started_before)
+        if query == StatusQuery():
+            return self._status_recorder.count_statuses()
         filters = {
-            "status": status,
+            "status": query.statuses,
             "name": name,
             "key": key,
             "started_after": started_after,
             "started_before": started_before,
         }
-        if not any(filters.values()):
-            return self._status_recorder.count_statuses()
         counts: dict[tuple[str, str], int] = {}
         after: UUID | None = None
         while True:
@@ -1173,6 +1162,55 @@ def _log_events(batch: Sequence[tuple[Saga, Sequence[Saga.Event]]]) -> None:
                     "attempt": attempt,
                 },
             )
+
+
+def _status_query(
+    status: str | Sequence[str] | None,
+    name: str | None,
+    key: str | None,
+    started_after: datetime | None,
+    started_before: datetime | None,
+    after: UUID | None = None,
+    limit: int = 100,
+) -> StatusQuery:
+    """The filters of `sagas` and `stats`, checked here so every store refuses them alike.
+
+    A filter of the wrong type would otherwise match nothing on one store and fail in the
+    driver on another. `None` means no filter, for `status` too.
+    """
+    if status is None:
+        statuses: tuple[str, ...] = ()
+    elif isinstance(status, str):
+        statuses = (status,)
+    else:
+        try:
+            statuses = tuple(status)
+        except TypeError:
+            raise ValueError(
+                f"status= must be a saga status or a list of them, got {status!r}"
+            ) from None
+    unknown = [s for s in statuses if not isinstance(s, str) or s not in STATES or s == NEW]
+    if unknown:
+        raise ValueError(
+            f"unknown saga status {unknown[0]!r}; expected one of {', '.join(STATES[1:])}"
+        )
+    for label, value, kind in (
+        ("name", name, str),
+        ("key", key, str),
+        ("started_after", started_after, datetime),
+        ("started_before", started_before, datetime),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{label}= must be a {kind.__name__} or None, got {value!r}")
+    return StatusQuery(
+        statuses=statuses,
+        name=name,
+        key=key,
+        started_after=started_after,
+        started_before=started_before,
+        after=after,
+        limit=limit,
+    )
 
 
 def _as_uuid(saga_id: UUID | str) -> UUID:

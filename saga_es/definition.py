@@ -255,9 +255,12 @@ class Step:
             self, "compensation_retry", _retry(owner, "compensation_retry", self.compensation_retry)
         )
         object.__setattr__(self, "fallback_on", _errors(owner, "fallback_on", self.fallback_on))
-        if self.timeout is not None and not _positive(self.timeout):  # NaN too
+        if self.timeout is not None and not (  # NaN too; None, not infinity, means none
+            _positive(self.timeout) and math.isfinite(self.timeout)
+        ):
             raise DefinitionError(
-                f"step {self.name!r}: timeout must be a number of seconds > 0, got {self.timeout!r}"
+                f"step {self.name!r}: timeout must be a finite number of seconds > 0 (or None), "
+                f"got {self.timeout!r}"
             )
         recovery = self._policy("recovery", self.recovery, self.reconcile, _ACTION_RECOVERY)
         if recovery == COMPENSATE and self.compensation is None:

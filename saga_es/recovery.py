@@ -310,12 +310,12 @@ def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) 
     if row.step is not None:
         with contextlib.suppress(SagaError):  # an unknown step fails when resumed
             seconds = definition.step(row.step).timeout or seconds
-    if seconds >= _ENDLESS:
+    if seconds >= _LONGEST_WAIT:  # a step may allow centuries: a wait still, not an error
         return timedelta.max
     return timedelta(seconds=seconds)
 
 
-_ENDLESS = timedelta.max.total_seconds()
+_LONGEST_WAIT = timedelta.max.total_seconds()
 
 
 def _failed(report: RecoveryReport, saga_id: UUID, error: Exception) -> None:

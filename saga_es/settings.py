@@ -7,6 +7,7 @@ traceback, and never echoing a password.
 from __future__ import annotations
 
 import binascii
+import math
 import re
 from typing import Any
 
@@ -28,9 +29,9 @@ def step_timeout(given: float | None, env: Environment) -> float:
         value = float(raw)
     except (TypeError, ValueError):
         value = -1.0
-    if isinstance(raw, bool) or not value >= 0:
+    if isinstance(raw, bool) or not (value >= 0 and math.isfinite(value)):
         raise ConfigurationError(
-            SAGA_STEP_TIMEOUT, f"must be a number of seconds >= 0, got {raw!r}"
+            SAGA_STEP_TIMEOUT, f"must be a finite number of seconds >= 0, got {raw!r}"
         )
     return value
 

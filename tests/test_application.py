@@ -518,8 +518,9 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     )
     snapshot = Saga.Snapshot.take(saga)
     state = dict(snapshot.state)
-    assert state.pop("class_version") == 4
+    assert state.pop("class_version") == 5
     for name in (
+        "carried_keys",
         "groups",
         "fallback_compensable",
         "deadline",
@@ -540,8 +541,36 @@ def test_a_snapshot_in_the_first_releases_shape_is_upcast() -> None:
     restored = old.mutate(None)
     assert (restored.groups, restored.on_fallback, restored.retrying) == ([], [], {})
     assert (restored.parent_saga_id, restored.parent_step, restored.children) == (None, None, {})
+    assert restored.carried_keys == {}
     restored.start_step("a", 1)
     assert restored.in_flight == {"a": 1}
+
+
+def test_a_fork_written_before_it_kept_its_keys_reads_with_the_sources_keys() -> None:
+    """A `SagaForked` (v1) or a fork's snapshot (v4) without the keys: keyed in the source."""
+    source = uuid4()
+    saga = Saga.start(
+        id=uuid4(),
+        name="parcel",
+        definition_version=1,
+        steps=["pack", "label"],
+        compensable=["pack"],
+        key=None,
+        context_type="builtins:dict",
+        context={},
+    )
+    saga.fork(source_saga_id=str(source), source_version=3, from_step="label", carried=["pack"])
+    forked = saga.pending_events[-1]
+    state = {k: v for k, v in forked.__dict__.items() if k not in ("keys", "fallbacks")}
+    Saga.SagaForked.upcast_v1_v2(state)
+    assert state["keys"] == {"pack": f"{source}:pack"}
+    assert state["fallbacks"] == []
+    snapshot = dict(Saga.Snapshot.take(saga).state)
+    del snapshot["carried_keys"]
+    Saga.upcast_v4_v5(snapshot)
+    assert snapshot["carried_keys"] == {"pack": f"{source}:pack"}
+    assert saga.step_key("pack") == f"{source}:pack"
+    assert saga.step_key("label") == f"{saga.id}:label"
 
 
 def test_every_event_is_logged_with_its_saga_step_and_attempt(
@@ -610,6 +639,28 @@ def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
     stranger = uuid4()
     with pytest.raises(SagaNotFound, match=str(stranger)):  # not "no more sagas"
         app.sagas(after=stranger)
+
+
+def test_a_query_with_a_filter_of_the_wrong_type_is_refused_the_same_on_every_store(
+    app: SagaApplication,
+) -> None:
+    """`status=None` means no filter; a name, key or time of the wrong type names itself."""
+    definition = SagaDefinition("typed", [Step("a", lambda c, k: None)])
+    saga = app.run(definition, {}, key="7")
+    assert [row.saga_id for row in app.sagas(status=None, name=None, key=None)] == [saga.id]
+    assert app.stats(status=None) == {("typed", "completed"): 1}
+    for bad, named in (
+        ({"name": 5}, "name="),
+        ({"key": 7}, "key="),
+        ({"status": 3}, "status"),
+        ({"status": [None]}, "status"),
+        ({"started_after": "2020-01-01"}, "started_after="),
+        ({"started_before": 0}, "started_before="),
+    ):
+        with pytest.raises(ValueError, match=named):
+            app.sagas(**bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=named):
+            app.stats(**bad)  # type: ignore[arg-type]
 
 
 # -- cancel --------------------------------------------------------------------------------
@@ -896,6 +947,68 @@ def test_a_failing_fork_compensates_the_steps_it_carried_over(app: SagaApplicati
     again = app.fork(failed.id, "label")  # the same, still broken, definition
     assert again.status == "compensated"
     assert calls == ["do label", "undo weigh", "undo pack"]
+
+
+def test_a_fork_compensates_a_carried_step_as_it_ran_in_the_source(
+    app: SagaApplication, reader: SagaApplication
+) -> None:
+    """A carried step is undone with the key its action had, by the compensation of the
+    action that took effect (its fallback's), and a carried nested step reverts its child.
+    """
+    calls: list[tuple[str, str]] = []
+
+    def note(what: str) -> Any:
+        return lambda context, key: calls.append((what, key))
+
+    def down(context: Any, key: str) -> None:
+        raise RuntimeError("card service down")
+
+    def fails(context: Any, key: str) -> None:
+        raise RuntimeError("courier bug")
+
+    child = SagaDefinition("charge", [Step("debit", note("do debit"), note("undo debit"))])
+
+    def order(ship: Any, version: int) -> SagaDefinition:
+        return SagaDefinition(
+            "order",
+            [
+                Step("reserve", note("do reserve"), note("undo reserve")),
+                Step(
+                    "pay",
+                    down,
+                    note("undo card"),
+                    fallback=note("do voucher"),
+                    fallback_compensation=note("undo voucher"),
+                ),
+                Step.saga("bill", child),
+                Step("ship", ship, note("undo ship")),
+            ],
+            version=version,
+        )
+
+    source = app.run(order(note("do ship"), 1), {})
+    assert source.status == "completed"
+    ran_with = {what.split()[1]: key for what, key in calls}
+    assert ran_with["voucher"] == source.step_key("pay")
+    calls.clear()
+
+    first = app.fork(source.id, "ship", order(fails, 2))
+    second = app.fork(first.id, "ship", order(fails, 3))  # a fork of a fork: the same keys
+    for fork in (first, second):
+        assert fork.status == "compensated"
+        for step in ("reserve", "pay", "bill"):
+            assert fork.step_key(step) == source.step_key(step)
+    assert calls[:3] == [
+        ("undo debit", ran_with["debit"]),
+        ("undo voucher", ran_with["voucher"]),
+        ("undo reserve", ran_with["reserve"]),
+    ]
+    (billed,) = reader.sagas(name="charge")
+    assert billed.status == "compensated", "the source's child saga was reverted"
+    again = reader.get(second.id)
+    assert again.step_key("pay") == source.step_key("pay")
+    assert again.on_fallback == ["pay"]
+    assert reader.verify() == []
 
 
 def test_a_keyed_fork_runs_once(app: SagaApplication) -> None:

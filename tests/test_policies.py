@@ -1831,6 +1831,7 @@ BAD_INPUT = [
     pytest.param(lambda: Step("s", noop, timeout=0), "timeout", id="zero-timeout"),
     pytest.param(lambda: Step("s", noop, timeout=-0.5), "timeout", id="negative-timeout"),
     pytest.param(lambda: Step("s", noop, timeout=float("nan")), "timeout", id="NaN-timeout"),
+    pytest.param(lambda: Step("s", noop, timeout=float("inf")), "timeout", id="infinite-timeout"),
     pytest.param(
         lambda: SagaDefinition("d", [Step("a", noop)], deadline=float("inf")),
         "deadline",
