@@ -1116,7 +1116,12 @@ class SagaApplication(Application[UUID]):
             start = page[-1].id
 
     def _last_version(self, saga_id: UUID) -> int:
-        last = list(self.events.get(saga_id, desc=True, limit=1))
+        """The version of the saga's latest stored event, read without decoding it.
+
+        So a stream that cannot be decoded (another `CIPHER_KEY`) still has a version, and
+        a worker's look before rebuilding leaves the error to the rebuild, which reports it.
+        """
+        last = self.recorder.select_events(saga_id, desc=True, limit=1)
         if not last:
             raise SagaNotFound(saga_id)
         return last[0].originator_version
