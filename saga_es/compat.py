@@ -48,7 +48,7 @@ KINDS = (
 
 LIVE_STATES = (*IN_FLIGHT_STATES, machine.STUCK)
 """States in which a saga may still call its definition: recovery or `resolve` drive it."""
-ENDED_STATES = (machine.COMPLETED, machine.COMPENSATED)
+ENDED_STATES = (machine.COMPLETED, machine.COMPENSATED, machine.CANCELLED)
 """States nothing drives again: such sagas are checked for information, never blocking."""
 
 _FORWARD = (machine.PENDING, machine.RUNNING)
