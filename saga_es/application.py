@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -724,6 +724,8 @@ class SagaApplication(Application[UUID]):
     def get(self, saga_id: UUID | str, version: int | None = None) -> Saga:
         """The saga as it is now, or as it was right after event number `version`."""
         saga_id = _as_uuid(saga_id)
+        if version is not None and not isinstance(version, int):
+            raise TypeError(f"version must be an int (an event number, from 1), got {version!r}")
         if version is not None and (isinstance(version, bool) or version < 1):
             raise VersionNotFound(saga_id, version, self._last_version(saga_id))
         try:
@@ -955,11 +957,11 @@ class SagaApplication(Application[UUID]):
     def sagas(
         self,
         *,
-        status: str | Sequence[str] = (),
+        status: str | Sequence[str] | None = (),
         name: str | None = None,
         key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
+        started_after: datetime | date | None = None,
+        started_before: datetime | date | None = None,
         after: UUID | str | None = None,
         limit: int = 100,
     ) -> list[SagaStatus]:
@@ -970,7 +972,7 @@ class SagaApplication(Application[UUID]):
         `ValueError` naming it; a cursor naming no stored saga is `SagaNotFound` (an empty
         page would read as "no more sagas").
         """
-        statuses = (status,) if isinstance(status, str) else tuple(status)
+        statuses = (status,) if isinstance(status, str) else tuple(status or ())
         unknown = [s for s in statuses if s not in STATES or s == NEW]
         if unknown:
             raise ValueError(
@@ -987,8 +989,8 @@ class SagaApplication(Application[UUID]):
             statuses=statuses,
             name=name,
             key=key,
-            started_after=started_after,
-            started_before=started_before,
+            started_after=_moment("started_after", started_after),
+            started_before=_moment("started_before", started_before),
             after=after,
             limit=limit,
         )
@@ -1003,11 +1005,11 @@ class SagaApplication(Application[UUID]):
     def stats(
         self,
         *,
-        status: str | Sequence[str] = (),
+        status: str | Sequence[str] | None = (),
         name: str | None = None,
         key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
+        started_after: datetime | date | None = None,
+        started_before: datetime | date | None = None,
     ) -> dict[tuple[str, str], int]:
         """How many sagas there are per (definition name, status), from the projection.
 
@@ -1176,6 +1178,15 @@ def _log_events(batch: Sequence[tuple[Saga, Sequence[Saga.Event]]]) -> None:
                     "attempt": attempt,
                 },
             )
+
+
+def _moment(name: str, value: datetime | date | None) -> datetime | None:
+    """A time filter as a datetime: a date is its midnight UTC, as `saga-es list` reads one."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, date):
+        return datetime.combine(value, time(), UTC)
+    raise TypeError(f"{name} must be a datetime (or a date), got {value!r}")
 
 
 def _as_uuid(saga_id: UUID | str) -> UUID:

@@ -594,6 +594,36 @@ def test_sagas_are_listed_from_the_projection_and_bad_queries_are_refused(
         app.sagas(after=stranger)
 
 
+def test_sagas_take_none_for_any_status_and_refuse_a_time_that_is_not_one(
+    app: SagaApplication,
+) -> None:
+    definition = SagaDefinition("listed", [Step("a", lambda c, k: None)])
+    ids = [app.run(definition, {}, key=str(n)).id for n in range(2)]
+    assert [row.saga_id for row in app.sagas(status=None)] == ids  # None: no filter, as name=
+    assert app.stats(status=None) == {("listed", "completed"): 2}
+    today = app.sagas()[0].started_at.date()
+    # A date is its midnight, UTC, as `saga-es list --since DATE` reads it.
+    assert [row.saga_id for row in app.sagas(started_after=today)] == ids
+    assert app.sagas(started_before=today) == []
+    for wrong in ("2020-01-01", 1700000000):
+        with pytest.raises(TypeError, match=r"started_after must be a datetime.*got"):
+            app.sagas(started_after=wrong)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"started_before must be a datetime.*got"):
+            app.stats(started_before=wrong)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", ["3", 2.5, None])
+def test_a_version_that_is_not_an_int_is_a_clear_type_error(
+    app: SagaApplication, version: object
+) -> None:
+    saga = app.run(Counter().definition, {})
+    if version is None:
+        assert app.get(saga.id, version=version).version == saga.version
+        return
+    with pytest.raises(TypeError, match=r"version must be an int .*got"):
+        app.get(saga.id, version=version)  # type: ignore[arg-type]
+
+
 # -- cancel --------------------------------------------------------------------------------
 
 
