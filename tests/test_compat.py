@@ -298,6 +298,8 @@ def test_limit_checks_live_sagas_first_and_says_it_stopped(
         check(app, trip(), limit=0)
     with pytest.raises(ValueError, match="recent"):
         check(app, trip(), recent=timedelta(seconds=-1))
+    with pytest.raises(TypeError, match="recent must be None or a timedelta, got 3600"):
+        check(app, trip(), recent=3600)  # type: ignore[arg-type]
 
 
 def test_an_unreadable_stream_blocks_a_live_saga(app: SagaApplication, sagas: Sagas) -> None:
