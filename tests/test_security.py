@@ -438,6 +438,12 @@ def test_a_failed_connection_names_the_setting_never_the_password(
     assert not any(PASSWORD in str(r.args) for r in caplog.records)
 
 
+def test_a_schema_that_does_not_exist_names_postgres_schema(pg_env: Env) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist") as raised:
+        SagaApplication(env={**pg_env, "POSTGRES_SCHEMA": "no_such_schema"})
+    assert raised.value.setting == "POSTGRES_SCHEMA"  # not POSTGRES_HOST: the server answered
+
+
 def test_a_password_the_pool_fetches_never_shows_either(
     pg_env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
