@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -962,8 +962,8 @@ class SagaApplication(Application[UUID]):
         status: str | Sequence[str] | None = (),
         name: str | None = None,
         key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
+        started_after: datetime | date | None = None,
+        started_before: datetime | date | None = None,
         after: UUID | str | None = None,
         limit: int = 100,
     ) -> list[SagaStatus]:
@@ -996,8 +996,8 @@ class SagaApplication(Application[UUID]):
         status: str | Sequence[str] | None = (),
         name: str | None = None,
         key: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
+        started_after: datetime | date | None = None,
+        started_before: datetime | date | None = None,
     ) -> dict[tuple[str, str], int]:
         """How many sagas there are per (definition name, status), from the projection.
 
@@ -1107,7 +1107,12 @@ class SagaApplication(Application[UUID]):
             start = page[-1].id
 
     def _last_version(self, saga_id: UUID) -> int:
-        last = list(self.events.get(saga_id, desc=True, limit=1))
+        """The version of the saga's latest stored event, read without decoding it.
+
+        So a stream that cannot be decoded (another `CIPHER_KEY`) still has a version, and
+        a worker's look before rebuilding leaves the error to the rebuild, which reports it.
+        """
+        last = self.recorder.select_events(saga_id, desc=True, limit=1)
         if not last:
             raise SagaNotFound(saga_id)
         return last[0].originator_version
@@ -1168,8 +1173,8 @@ def _status_query(
     status: str | Sequence[str] | None,
     name: str | None,
     key: str | None,
-    started_after: datetime | None,
-    started_before: datetime | None,
+    started_after: datetime | date | None,
+    started_before: datetime | date | None,
     after: UUID | None = None,
     limit: int = 100,
 ) -> StatusQuery:
@@ -1194,23 +1199,27 @@ def _status_query(
         raise ValueError(
             f"unknown saga status {unknown[0]!r}; expected one of {', '.join(STATES[1:])}"
         )
-    for label, value, kind in (
-        ("name", name, str),
-        ("key", key, str),
-        ("started_after", started_after, datetime),
-        ("started_before", started_before, datetime),
-    ):
-        if value is not None and not isinstance(value, kind):
-            raise ValueError(f"{label}= must be a {kind.__name__} or None, got {value!r}")
+    for label, value in (("name", name), ("key", key)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{label}= must be a str or None, got {value!r}")
     return StatusQuery(
         statuses=statuses,
         name=name,
         key=key,
-        started_after=started_after,
-        started_before=started_before,
+        started_after=_moment("started_after", started_after),
+        started_before=_moment("started_before", started_before),
         after=after,
         limit=limit,
     )
+
+
+def _moment(name: str, value: datetime | date | None) -> datetime | None:
+    """A time filter as a datetime: a date is its midnight UTC, as `saga-es list` reads one."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, date):
+        return datetime.combine(value, time(), UTC)
+    raise ValueError(f"{name}= must be a datetime (or a date) or None, got {value!r}")
 
 
 def _as_uuid(saga_id: UUID | str) -> UUID:

@@ -48,7 +48,7 @@ KINDS = (
 
 LIVE_STATES = (*IN_FLIGHT_STATES, machine.STUCK)
 """States in which a saga may still call its definition: recovery or `resolve` drive it."""
-ENDED_STATES = (machine.COMPLETED, machine.COMPENSATED)
+ENDED_STATES = (machine.COMPLETED, machine.COMPENSATED, machine.CANCELLED)
 """States nothing drives again: such sagas are checked for information, never blocking."""
 
 _FORWARD = (machine.PENDING, machine.RUNNING)
@@ -134,6 +134,8 @@ def check(
         raise TypeError(f"expected a SagaDefinition, got {type(definition).__name__}")
     if limit is not None and (isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
+    if recent is not None and not isinstance(recent, timedelta):
+        raise TypeError(f"recent must be None or a timedelta, got {recent!r}")
     if recent is not None and recent < timedelta(0):
         raise ValueError(f"recent must be None or a duration >= 0, got {recent!r}")
     names = sorted({name for name, _ in app.stats()})

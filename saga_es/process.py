@@ -205,9 +205,9 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
                     self._failure(start, domain_event, processing_event.tracking, e)
                 )
                 continue
-            if saga.pending_events:
+            if saga.pending_events and saga.id not in processing_event.aggregates:
                 processing_event.collect_events(saga)
-            else:
+            else:  # stored before, or collected by an earlier start of this event: the same saga
                 log.debug(
                     "saga %s %s was started before under key %r: not started again",
                     saga.name,

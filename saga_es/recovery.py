@@ -138,7 +138,11 @@ async def recover_one_async(
 ) -> None:
     """`_recover_one` on an event loop: its saves join the group commit."""
     if row.status == machine.PENDING:  # workers race for submitted sagas: look before rebuilding
-        latest = await asyncio.to_thread(app._last_version, row.saga_id)
+        try:
+            latest = await asyncio.to_thread(app._last_version, row.saga_id)
+        except Exception as e:  # reported here: the task's own exceptions are never read
+            _failed(report, row.saga_id, e)
+            return
         if latest != row.version:
             report.taken_over.append(row.saga_id)
             return

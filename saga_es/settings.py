@@ -102,6 +102,8 @@ def configuration_error(error: Exception, env: Environment) -> ConfigurationErro
     module = env.get("PERSISTENCE_MODULE", "")
     lowered = message.lower()
     if "postgres" in module:
+        if env.get("POSTGRES_SCHEMA") and f'schema "{env.get("POSTGRES_SCHEMA")}"' in message:
+            return ConfigurationError("POSTGRES_SCHEMA", message)  # the server knows no such schema
         for needle, setting in _PG_HINTS:
             if needle in lowered:
                 return ConfigurationError(setting, message)

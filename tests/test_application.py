@@ -663,6 +663,24 @@ def test_a_query_with_a_filter_of_the_wrong_type_is_refused_the_same_on_every_st
             app.stats(**bad)  # type: ignore[arg-type]
 
 
+def test_sagas_take_none_for_any_status_and_refuse_a_time_that_is_not_one(
+    app: SagaApplication,
+) -> None:
+    definition = SagaDefinition("listed", [Step("a", lambda c, k: None)])
+    ids = [app.run(definition, {}, key=str(n)).id for n in range(2)]
+    assert [row.saga_id for row in app.sagas(status=None)] == ids  # None: no filter, as name=
+    assert app.stats(status=None) == {("listed", "completed"): 2}
+    today = app.sagas()[0].started_at.date()
+    # A date is its midnight, UTC, as `saga-es list --since DATE` reads it.
+    assert [row.saga_id for row in app.sagas(started_after=today)] == ids
+    assert app.sagas(started_before=today) == []
+    for wrong in ("2020-01-01", 1700000000):
+        with pytest.raises(ValueError, match=r"started_after= must be a datetime.*got"):
+            app.sagas(started_after=wrong)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"started_before= must be a datetime.*got"):
+            app.stats(started_before=wrong)  # type: ignore[arg-type]
+
+
 # -- cancel --------------------------------------------------------------------------------
 
 

@@ -267,6 +267,25 @@ def test_recent_leaves_out_sagas_that_ended_before_it(app: SagaApplication) -> N
     assert check(app, definition).checked == [flying, old, new]  # a day, by default
 
 
+def test_a_recently_cancelled_saga_is_checked_as_ended_never_blocking(
+    app: SagaApplication,
+) -> None:
+    definition = trip()
+    done = app.run(definition, {}, key="done").id
+    cancelled = app.submit(definition, {}, key="cancelled")
+    assert app.cancel(cancelled, by="ada", reason="customer asked").status == "cancelled"
+
+    report = check(app, definition)
+    assert report.checked == [done, cancelled]  # it ended, as the completed one did
+    renamed = check(app, trip("a b2 c"))
+    assert [(d.saga_id, d.kind, d.blocking) for d in renamed.divergences] == [
+        (done, "renamed", False),
+        (cancelled, "renamed", False),
+    ]
+    assert "cancelled, so nothing will drive it again" in renamed.divergences[1].message
+    assert renamed.ok
+
+
 def test_limit_checks_live_sagas_first_and_says_it_stopped(
     app: SagaApplication, sagas: Sagas
 ) -> None:
@@ -279,6 +298,8 @@ def test_limit_checks_live_sagas_first_and_says_it_stopped(
         check(app, trip(), limit=0)
     with pytest.raises(ValueError, match="recent"):
         check(app, trip(), recent=timedelta(seconds=-1))
+    with pytest.raises(TypeError, match="recent must be None or a timedelta, got 3600"):
+        check(app, trip(), recent=3600)  # type: ignore[arg-type]
 
 
 def test_an_unreadable_stream_blocks_a_live_saga(app: SagaApplication, sagas: Sagas) -> None:

@@ -688,6 +688,28 @@ def test_one_event_may_start_several_sagas_and_options_reach_the_application(
     assert EFFECTS == ["reserve ada", "charge ada 30", "reserve ada"]
 
 
+def test_two_starts_of_one_saga_for_one_event_start_it_once(
+    standalone: Callable[..., Any],
+) -> None:
+    class Twice(SagaProcess):  # both name the same saga: same definition, same (default) key
+        starts = {  # noqa: RUF012
+            Order.Placed: [
+                StartSaga(payment, context=payment_context),
+                StartSaga(payment, context=lambda placed: {**payment_context(placed), "n": 2}),
+            ]
+        }
+
+    orders: Orders = standalone(Orders)
+    process = standalone(Twice)
+    order_id = orders.place("ada", 30)
+    (placed,) = orders_log(orders)
+    process.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+    assert process.stats() == {("payment", "completed"): 1}
+    assert EFFECTS == ["reserve ada", "charge ada 30"]  # run once
+    assert "n" not in process.get(saga_of(order_id)).context  # the first start is the saga
+    assert process.recorder.max_tracking_id("Orders") == placed.id
+
+
 def test_saga_process_is_exported_and_is_an_eventsourcing_process_application() -> None:
     for name in ("SagaProcess", "StartSaga", "StartFailure"):
         assert name in saga_es.__all__

@@ -329,6 +329,26 @@ def test_reading_with_another_key_names_the_setting(
         open_app({**env, "CIPHER_KEY": OTHER_KEY}).get(saga_id)
 
 
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_a_worker_with_another_key_reports_the_submitted_saga_naming_the_setting(
+    store: str,
+    store_env: Callable[..., Env],
+    open_app: Callable[[Env], SagaApplication],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {**store_env(store), **CIPHERED}
+    saga_id = open_app(env).submit(ORDER, {"customer": ADA, "card": CARD})
+    worker = open_app({**env, "CIPHER_KEY": OTHER_KEY})
+    worker.register(ORDER)
+    with caplog.at_level(logging.ERROR, logger="saga_es"):
+        report = worker.work(until_idle=True)
+    assert list(report.failed) == [saga_id]  # reported, not silently passed over
+    assert "CIPHER_KEY" in report.failed[saga_id]
+    assert [r.saga_id for r in caplog.records] == [str(saga_id)]
+    assert "CIPHER_KEY" in caplog.records[0].getMessage()
+    assert [r.status for r in worker.statuses()] == ["pending"]  # nothing written
+
+
 @pytest.mark.parametrize("store", STORES)
 def test_a_cipher_without_a_key_is_a_configuration_error_naming_cipher_key(
     store: str, store_env: Callable[..., Env]
@@ -416,6 +436,12 @@ def test_a_failed_connection_names_the_setting_never_the_password(
     assert PASSWORD not in _shown(raised.value)
     assert PASSWORD not in caplog.text
     assert not any(PASSWORD in str(r.args) for r in caplog.records)
+
+
+def test_a_schema_that_does_not_exist_names_postgres_schema(pg_env: Env) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist") as raised:
+        SagaApplication(env={**pg_env, "POSTGRES_SCHEMA": "no_such_schema"})
+    assert raised.value.setting == "POSTGRES_SCHEMA"  # not POSTGRES_HOST: the server answered
 
 
 def test_a_password_the_pool_fetches_never_shows_either(

@@ -74,6 +74,32 @@ def test_async_runs_and_workers_are_traced_too(
     assert len([s for s in spans.get_finished_spans() if s.name == "action pay"]) == 2
 
 
+def test_resolve_and_cancel_open_a_saga_span_over_the_calls_they_make(
+    app: SagaApplication, spans: InMemorySpanExporter
+) -> None:
+    failing = [RuntimeError("refund service down")]
+
+    def refund(context: Any, key: str) -> None:
+        if failing:
+            raise failing.pop()
+
+    shop = SagaDefinition(
+        "shop",
+        [Step("reserve", lambda c, k: None, refund, compensation_retry=1), Step("pay", declined)],
+    )
+    stuck = app.run(shop, {})
+    assert stuck.status == "stuck"
+    spans.clear()
+    assert app.resolve(stuck.id, by="ada", reason="refund is back").status == "compensated"
+    pending = app.submit(shop, {})
+    assert app.cancel(pending, by="ada", reason="asked").status == "cancelled"
+    finished = spans.get_finished_spans()
+    roots = {s.attributes["saga.operation"]: s for s in finished if s.name == "saga shop"}  # type: ignore[index]
+    assert set(roots) == {"resolve", "cancel"}
+    (undo,) = [s for s in finished if s.name == "compensation reserve"]
+    assert undo.parent.span_id == roots["resolve"].context.span_id  # type: ignore[union-attr]
+
+
 def test_nothing_is_traced_once_uninstrumented(
     app: SagaApplication, spans: InMemorySpanExporter
 ) -> None:
