@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -703,16 +704,29 @@ class SagaApplication(Application[UUID]):
         self._check_encodable(state, None)
 
     def _check_encodable(self, state: State, result: Any) -> None:
+        """Raise `ContextError`, naming the field, for what some store could not keep.
+
+        Beyond what the transcoder refuses: NaN and infinities (not JSON: SQLite and
+        PostgreSQL refuse them) and NUL characters (PostgreSQL cannot store them), so a
+        saga is refused alike on every store, before anything is stored.
+        """
         transcoder = self.mapper.transcoder
         if isinstance(transcoder, JSONTranscoder) and _plain_json(state) and _plain_json(result):
             return  # JSON takes these as they are: no need to encode them twice
+        fields = [*state.items(), ("(result)", result)]
         try:
             transcoder.encode(state)
             transcoder.encode(result)
         except (TypeError, ValueError):
-            for name, value in [*state.items(), ("(result)", result)]:
+            for name, value in fields:
                 _check_value(transcoder, name, value)
+            for name in state:  # the values encode alone: a field's name is what JSON refuses
+                _check_value(transcoder, str(name), {name: None}, "its name cannot be a JSON key")
             raise
+        for name, value in fields:
+            reason = _unstorable(name) or _unstorable(value)
+            if reason is not None:
+                raise ContextError(name, value, reason)
 
     @staticmethod
     def saga_id(name: str, key: str) -> UUID:
@@ -1183,23 +1197,55 @@ def _as_uuid(saga_id: UUID | str) -> UUID:
         raise SagaNotFound(saga_id) from None  # type: ignore[arg-type]
 
 
-_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SAFE_SCALARS = frozenset({int, bool, type(None)})
+
+
+def _plain_scalar(value: Any) -> bool:
+    """An int, bool or None, a finite float, or an ASCII str without NUL: every store keeps it."""
+    kind = type(value)
+    if kind is str:
+        return value.isascii() and "\x00" not in value
+    if kind is float:
+        return math.isfinite(value)
+    return kind in _SAFE_SCALARS
 
 
 def _plain_json(value: Any) -> bool:
-    """True for a scalar, or a flat dict (str keys) or list of scalars: always encodable."""
-    kind = type(value)
-    if kind in _JSON_SCALARS:
+    """True for a plain scalar, or a flat dict (str keys) or list of them: always storable."""
+    if _plain_scalar(value):
         return True
+    kind = type(value)
     if kind is dict:
-        return all(type(k) is str and type(v) in _JSON_SCALARS for k, v in value.items())
+        return all(
+            type(k) is str and _plain_scalar(k) and _plain_scalar(v) for k, v in value.items()
+        )
     if kind is list:
-        return all(type(v) in _JSON_SCALARS for v in value)
+        return all(_plain_scalar(v) for v in value)
     return False
 
 
-def _check_value(transcoder: Transcoder, name: str, value: Any) -> None:
+def _unstorable(value: Any) -> str | None:
+    """Why a value JSON encodes cannot be stored alike on every store, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not JSON, and SQLite and PostgreSQL refuse it"
+    if isinstance(value, str) and "\x00" in value:
+        return "it holds a NUL character (\\x00), which PostgreSQL cannot store"
+    if isinstance(value, dict):
+        items: Iterable[Any] = (x for item in value.items() for x in item)
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    for item in items:
+        reason = _unstorable(item)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_value(transcoder: Transcoder, name: str, value: Any, why: str = "") -> None:
     try:
         transcoder.encode(value)
     except (TypeError, ValueError) as e:
-        raise ContextError(name, value, str(e).split(". Please")[0]) from None
+        reason = str(e).split(". Please")[0]
+        raise ContextError(name, value, f"{why} ({reason})" if why else reason) from None

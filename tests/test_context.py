@@ -291,6 +291,25 @@ def test_a_step_that_makes_the_context_unserialisable_fails_cleanly(
     assert stored.error["type"] == "ContextError"
 
 
+@pytest.mark.parametrize("value", [float("nan"), "a\x00b", "\udc80"])
+def test_a_step_that_puts_a_value_some_store_refuses_fails_cleanly_on_every_store(
+    value: Any, app: SagaApplication, reader: SagaApplication
+) -> None:
+    """Not left `running` by a store's error at save: the attempt fails, the saga compensates."""
+
+    def spoil(context: Any, key: str) -> None:
+        context["bad"] = value
+
+    definition = SagaDefinition("spoil", [Step("first", lambda c, k: None), Step("spoil", spoil)])
+    saga = app.run(definition, {"ok": 1})
+    assert saga.status == "compensated"
+    stored = reader.get(saga.id)
+    assert stored.status == "compensated"
+    assert stored.error is not None
+    assert stored.error["type"] == "ContextError"
+    assert "'bad'" in stored.error["message"]
+
+
 @pytest.mark.parametrize("store", DURABLE_STORES)
 def test_a_later_application_rebuilds_each_context_type(
     app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]

@@ -152,6 +152,30 @@ def test_submit_refuses_an_unknown_definition_or_context_and_stores_nothing(
     assert app.stats() == {}
 
 
+UNSTORABLE = {
+    "nan": ({"price": float("nan")}, "'price'", "nan is not JSON"),
+    "infinity": ({"price": {"max": [float("-inf")]}}, "'price'", "-inf is not JSON"),
+    "nul": ({"note": "a\x00b"}, "'note'", "NUL character"),
+    "nul in a name": ({"no\x00te": 1}, "'no\\x00te'", "NUL character"),
+    "surrogate": ({"note": "\ud800"}, "'note'", "surrogates not allowed"),
+    "tuple as a name": ({(1, 2): "a"}, "'(1, 2)'", "cannot be a JSON key"),
+}
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("case", list(UNSTORABLE))
+def test_submit_refuses_a_context_some_store_cannot_keep_alike_on_every_store(
+    app: SagaApplication, sagas_module: Any, case: str
+) -> None:
+    """JSON's NaN, PostgreSQL's NUL: one store's refusal is every store's `ContextError`."""
+    context, field_name, reason = UNSTORABLE[case]
+    with pytest.raises(ContextError, match=reason) as raised:
+        app.submit(sagas_module.ORDER, context)
+    assert raised.value.field == field_name.strip("'").encode().decode("unicode_escape")
+    assert field_name in str(raised.value)
+    assert app.stats() == {}
+
+
 @pytest.mark.parametrize("store", STORES)
 def test_work_runs_submitted_sagas_concurrently_until_idle(
     app: SagaApplication, sagas_module: Any
