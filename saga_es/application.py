@@ -552,6 +552,7 @@ class SagaApplication(Application[UUID]):
             raise ContextError("(context)", context, str(e)) from None
         self._check_context(context_type, state)
         if key is not None:
+            _check_key(key)
             saga_id = self.saga_id(definition.name, key)
             try:
                 return self.get(saga_id)
@@ -1241,6 +1242,19 @@ def _unstorable(value: Any) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+def _check_key(key: Any) -> None:
+    """Refuse, on every store, a business key that some store could not keep."""
+    text = str(key)
+    reason = _unstorable(text)
+    if reason is None and not text.isascii():
+        try:
+            text.encode("utf8")
+        except UnicodeEncodeError as e:
+            reason = str(e)
+    if reason is not None:
+        raise ValueError(f"key {key!r} cannot be stored: {reason}")
 
 
 def _check_value(transcoder: Transcoder, name: str, value: Any, why: str = "") -> None:

@@ -177,6 +177,16 @@ def test_submit_refuses_a_context_some_store_cannot_keep_alike_on_every_store(
 
 
 @pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize(("key", "reason"), [("a\x00b", "NUL"), ("\udc80", "surrogates")])
+def test_submit_refuses_a_key_some_store_cannot_keep_alike_on_every_store(
+    app: SagaApplication, sagas_module: Any, key: str, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=f"key .* cannot be stored: .*{reason}"):
+        app.submit(sagas_module.ORDER, {"id": 1}, key=key)
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("store", STORES)
 def test_work_runs_submitted_sagas_concurrently_until_idle(
     app: SagaApplication, sagas_module: Any
 ) -> None:
