@@ -427,6 +427,14 @@ class SagaApplication(Application[UUID]):
         """`work` on the running event loop."""
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if (
+            isinstance(poll_interval, bool)
+            or not isinstance(poll_interval, int | float)
+            or not 0 < poll_interval < math.inf  # 0, below or NaN: a busy loop on the store
+        ):
+            raise ValueError(f"poll_interval must be seconds > 0, got {poll_interval!r}")
+        if stop is not None and not isinstance(stop, threading.Event):
+            raise TypeError(f"stop must be a threading.Event, got {stop!r}")
         return await recovery.work(
             self,
             concurrency=concurrency,

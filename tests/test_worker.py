@@ -202,6 +202,22 @@ def test_work_runs_submitted_sagas_concurrently_until_idle(
         app.work(concurrency=0)
 
 
+@pytest.mark.parametrize("poll", [0, -1, float("nan"), float("inf"), "1", None, True])
+def test_work_refuses_a_poll_interval_that_would_spin_or_never_look(
+    app: SagaApplication, sagas_module: Any, poll: Any
+) -> None:
+    """A poll of 0, below 0 or NaN would list the store in a busy loop; refused at once."""
+    saga_id = app.submit(sagas_module.ORDER, {"id": 1})
+    with pytest.raises(ValueError, match=f"poll_interval must be .*, got {poll!r}"):
+        app.work(poll_interval=poll, stop=threading.Event())
+    assert app.get(saga_id).status == "pending"
+
+
+def test_work_refuses_a_stop_that_is_not_an_event(app: SagaApplication) -> None:
+    with pytest.raises(TypeError, match=r"stop must be a threading\.Event, got 'soon'"):
+        app.work(stop="soon", until_idle=True)  # type: ignore[arg-type]
+
+
 # -- worker processes ----------------------------------------------------------------------
 
 
