@@ -285,6 +285,26 @@ def test_a_worker_that_cannot_reach_its_store_retries_with_backoff(
     assert all(line.count("\n") == 0 for line in attempts)
 
 
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"PERSISTENCE_MODULE": "eventsourcing.nowhere"}, "PERSISTENCE_MODULE"),
+        ({"POSTGRES_DBNAME": ""}, "POSTGRES_DBNAME"),
+        ({"SAGA_COMMIT_MAX_WAIT": "soon"}, "SAGA_COMMIT_MAX_WAIT"),
+    ],
+)
+def test_a_worker_with_a_setting_no_retry_can_mend_says_so_once_and_exits(
+    env: Env, sagas_module: Any, settings: Env, named: str
+) -> None:
+    """Only an unreachable store is waited for; a typo is not 'cannot reach the store'."""
+    worker = start_worker({**env, **settings}, sagas_module)
+    output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 2, output
+    assert "cannot reach the store" not in output
+    [line] = output.splitlines()
+    assert f"cannot start: {named}: " in line
+
+
 @pytest.mark.parametrize("store", ["postgres", "sqlite"])
 def test_a_cancel_from_another_process_is_obeyed_by_the_worker_holding_the_saga(
     store: str, env: Env, app: SagaApplication, sagas_module: Any
