@@ -504,7 +504,19 @@ class _ErrorFields(TypedDict):
 
 
 def _error_fields(error: Exception) -> _ErrorFields:
-    return {"error_type": type(error).__name__, "error_message": str(error)}
+    return {"error_type": type(error).__name__, "error_message": _storable(str(error))}
+
+
+def _storable(message: str) -> str:
+    """The message with NUL (PostgreSQL refuses it) and lone surrogates (not UTF-8) escaped.
+
+    An action's error is the user's text: left as it is, the failure could not be saved,
+    and the saga would stay `running` with its `StepStarted` and no outcome.
+    """
+    if message.isascii() and "\x00" not in message:
+        return message
+    message = message.replace("\x00", "\\x00")
+    return message.encode("utf8", "backslashreplace").decode("utf8")
 
 
 def _unknown(attempt: int) -> _ErrorFields:
