@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -426,6 +427,14 @@ class SagaApplication(Application[UUID]):
         """`work` on the running event loop."""
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if (
+            isinstance(poll_interval, bool)
+            or not isinstance(poll_interval, int | float)
+            or not 0 < poll_interval < math.inf  # 0, below or NaN: a busy loop on the store
+        ):
+            raise ValueError(f"poll_interval must be seconds > 0, got {poll_interval!r}")
+        if stop is not None and not isinstance(stop, threading.Event):
+            raise TypeError(f"stop must be a threading.Event, got {stop!r}")
         return await recovery.work(
             self,
             concurrency=concurrency,
@@ -551,6 +560,7 @@ class SagaApplication(Application[UUID]):
             raise ContextError("(context)", context, str(e)) from None
         self._check_context(context_type, state)
         if key is not None:
+            _check_key(key)
             saga_id = self.saga_id(definition.name, key)
             try:
                 return self.get(saga_id)
@@ -703,15 +713,24 @@ class SagaApplication(Application[UUID]):
         self._check_encodable(state, None)
 
     def _check_encodable(self, state: State, result: Any) -> None:
+        """Raise `ContextError`, naming the field, for what some store could not keep.
+
+        Beyond what the transcoder refuses: NaN and infinities (not JSON: SQLite and
+        PostgreSQL refuse them) and NUL characters (PostgreSQL cannot store them), so a
+        saga is refused alike on every store, before anything is stored.
+        """
         transcoder = self.mapper.transcoder
         if isinstance(transcoder, JSONTranscoder) and _plain_json(state) and _plain_json(result):
             return  # JSON takes these as they are: no need to encode them twice
+        fields = [*state.items(), ("(result)", result)]
         try:
             _encode(transcoder, state)
             _encode(transcoder, result)
         except (TypeError, ValueError):
-            for name, value in [*state.items(), ("(result)", result)]:
+            for name, value in fields:
                 _check_value(transcoder, name, value)
+            for name in state:  # the values encode alone: a field's name is what JSON refuses
+                _check_value(transcoder, str(name), {name: None}, "its name cannot be a JSON key")
             raise
 
     @staticmethod
@@ -1275,8 +1294,41 @@ def _encode(transcoder: Transcoder, value: Any) -> None:
         raise ValueError("it holds the character NUL (\\x00), which PostgreSQL cannot store")
 
 
-def _check_value(transcoder: Transcoder, name: str, value: Any) -> None:
+def _unstorable(value: Any) -> str | None:
+    """Why a value JSON encodes cannot be stored alike on every store, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not JSON, and SQLite and PostgreSQL refuse it"
+    if isinstance(value, str) and "\x00" in value:
+        return "it holds a NUL character (\\x00), which PostgreSQL cannot store"
+    if isinstance(value, dict):
+        items: Iterable[Any] = (x for item in value.items() for x in item)
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    for item in items:
+        reason = _unstorable(item)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_key(key: Any) -> None:
+    """Refuse, on every store, a business key that some store could not keep."""
+    text = str(key)
+    reason = _unstorable(text)
+    if reason is None and not text.isascii():
+        try:
+            text.encode("utf8")
+        except UnicodeEncodeError as e:
+            reason = str(e)
+    if reason is not None:
+        raise ValueError(f"key {key!r} cannot be stored: {reason}")
+
+
+def _check_value(transcoder: Transcoder, name: str, value: Any, why: str = "") -> None:
     try:
         _encode(transcoder, value)
     except (TypeError, ValueError) as e:
-        raise ContextError(name, value, str(e).split(". Please")[0]) from None
+        reason = str(e).split(". Please")[0]
+        raise ContextError(name, value, f"{why} ({reason})" if why else reason) from None

@@ -647,13 +647,20 @@ def worker(
 
 
 def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
-    """The application, retrying with backoff while the store cannot be reached."""
+    """The application, retrying with backoff while the store cannot be reached.
+
+    A setting that no retry can mend (missing, malformed, an unknown module) is said
+    in one line, and the worker exits 2, rather than waiting forever on a typo.
+    """
     env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": db} if db else None
     delay = recovery.STORE_RETRY_FIRST
     while not stop.is_set():
         try:
             return _chosen_class()(env=env)
         except ConfigurationError as e:
+            if not e.unreachable:
+                log.error("cannot start: %s", e)
+                sys.exit(2)
             following = recovery.store_unreachable(e, delay)
             stop.wait(delay)
             delay = following

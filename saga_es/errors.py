@@ -48,11 +48,17 @@ class ContextError(SagaError, TypeError):
 
 
 class ConfigurationError(SagaError, ValueError):
-    """Raised at construction when a setting is missing, malformed or unusable."""
+    """Raised at construction when a setting is missing, malformed or unusable.
 
-    def __init__(self, setting: str, message: str) -> None:
+    `unreachable` is True when the store could not be reached (refused, timed out, a
+    file that cannot be opened): trying again later may succeed, as a worker does.
+    Otherwise the setting itself is wrong, and no retry can mend it.
+    """
+
+    def __init__(self, setting: str, message: str, *, unreachable: bool = False) -> None:
         super().__init__(f"{setting}: {message}")
         self.setting = setting
+        self.unreachable = unreachable
 
 
 class SagaNotFound(SagaError, KeyError):

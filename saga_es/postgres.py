@@ -776,8 +776,10 @@ def check_settings(env: Environment) -> None:
             if env.get(setting) and any(word in lowered for word in words):
                 if password:
                     message = message.replace(password, "***")
-                raise ConfigurationError(setting, message) from None
-        raise configuration_error(RuntimeError(message), env) from None
+                raise ConfigurationError(setting, message, unreachable=True) from None
+        error = configuration_error(RuntimeError(message), env)
+        error.unreachable = True  # the server may come up, the database be created
+        raise error from None
 
 
 class PostgresSagaProcessRecorder(

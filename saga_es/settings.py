@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from eventsourcing.persistence import InterfaceError, OperationalError
 from eventsourcing.utils import Environment
 
 from saga_es.errors import ConfigurationError
@@ -74,7 +75,18 @@ DEFAULT_CIPHER_TOPIC = "eventsourcing.cipher:AESCipher"
 
 
 def configuration_error(error: Exception, env: Environment) -> ConfigurationError:
-    """Name the setting behind a construction failure, never echoing a password or key."""
+    """Name the setting behind a construction failure, never echoing a password or key.
+
+    A failure to reach the store (the driver's operational or interface error, a refused
+    connection) is marked `unreachable`: a worker retries it, and exits on any other
+    (eventsourcing's missing or malformed settings are `EnvironmentError`, an `OSError`).
+    """
+    named = _named_error(error, env)
+    named.unreachable = isinstance(error, OperationalError | InterfaceError | ConnectionError)
+    return named
+
+
+def _named_error(error: Exception, env: Environment) -> ConfigurationError:
     message = str(error) or type(error).__name__
     for secret in (env.get("POSTGRES_PASSWORD"), env.get("CIPHER_KEY")):
         if secret:

@@ -242,6 +242,30 @@ def test_a_failing_first_step_compensates_nothing(app: SagaApplication, mode: st
     assert event_names(app, saga) == ["SagaStarted", "StepStarted", "StepFailed", "SagaCompensated"]
 
 
+@pytest.mark.parametrize(
+    ("message", "stored"), [("bad\x00byte", "bad\\x00byte"), ("bad \udc80", "bad \\udc80")]
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_error_message_some_store_cannot_keep_is_stored_escaped_on_every_store(
+    app: SagaApplication, mode: str, message: str, stored: str
+) -> None:
+    """A NUL (PostgreSQL) or a lone surrogate (not UTF-8) must not leave the saga running."""
+
+    def fail(context: Any, key: str) -> None:
+        raise ValueError(message)
+
+    def undo(context: Any, key: str) -> None:
+        raise RuntimeError(message)
+
+    definition = SagaDefinition("odd", [Step("a", lambda c, k: None, undo), Step("b", fail)])
+    saga = execute(app, definition, {}, mode, None)
+    assert app.get(saga.id).status == "stuck"
+    history = app.saga_events(saga.id)
+    assert [e.error_message for e in history if isinstance(e, StepFailed)] == [stored]
+    assert [e.error_message for e in history if isinstance(e, CompensationFailed)] == [stored]
+    assert app.get(saga.id).error == {"step": "a", "type": "RuntimeError", "message": stored}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_a_compensation_that_raises_leaves_the_saga_stuck(

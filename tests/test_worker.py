@@ -152,6 +152,40 @@ def test_submit_refuses_an_unknown_definition_or_context_and_stores_nothing(
     assert app.stats() == {}
 
 
+UNSTORABLE = {
+    "nan": ({"price": float("nan")}, "'price'", "not JSON compliant"),
+    "infinity": ({"price": {"max": [float("-inf")]}}, "'price'", "not JSON compliant"),
+    "nul": ({"note": "a\x00b"}, "'note'", "character NUL"),
+    "nul in a name": ({"no\x00te": 1}, "'no\\x00te'", "character NUL"),
+    "surrogate": ({"note": "\ud800"}, "'note'", "surrogates not allowed"),
+    "tuple as a name": ({(1, 2): "a"}, "'(1, 2)'", "cannot be a JSON key"),
+}
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("case", list(UNSTORABLE))
+def test_submit_refuses_a_context_some_store_cannot_keep_alike_on_every_store(
+    app: SagaApplication, sagas_module: Any, case: str
+) -> None:
+    """JSON's NaN, PostgreSQL's NUL: one store's refusal is every store's `ContextError`."""
+    context, field_name, reason = UNSTORABLE[case]
+    with pytest.raises(ContextError, match=reason) as raised:
+        app.submit(sagas_module.ORDER, context)
+    assert raised.value.field == field_name.strip("'").encode().decode("unicode_escape")
+    assert field_name in str(raised.value)
+    assert app.stats() == {}
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize(("key", "reason"), [("a\x00b", "NUL"), ("\udc80", "surrogates")])
+def test_submit_refuses_a_key_some_store_cannot_keep_alike_on_every_store(
+    app: SagaApplication, sagas_module: Any, key: str, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=f"key .* cannot be stored: .*{reason}"):
+        app.submit(sagas_module.ORDER, {"id": 1}, key=key)
+    assert app.stats() == {}
+
+
 @pytest.mark.parametrize("store", STORES)
 def test_work_runs_submitted_sagas_concurrently_until_idle(
     app: SagaApplication, sagas_module: Any
@@ -166,6 +200,22 @@ def test_work_runs_submitted_sagas_concurrently_until_idle(
     assert app.verify() == []
     with pytest.raises(ValueError, match="concurrency"):
         app.work(concurrency=0)
+
+
+@pytest.mark.parametrize("poll", [0, -1, float("nan"), float("inf"), "1", None, True])
+def test_work_refuses_a_poll_interval_that_would_spin_or_never_look(
+    app: SagaApplication, sagas_module: Any, poll: Any
+) -> None:
+    """A poll of 0, below 0 or NaN would list the store in a busy loop; refused at once."""
+    saga_id = app.submit(sagas_module.ORDER, {"id": 1})
+    with pytest.raises(ValueError, match=f"poll_interval must be .*, got {poll!r}"):
+        app.work(poll_interval=poll, stop=threading.Event())
+    assert app.get(saga_id).status == "pending"
+
+
+def test_work_refuses_a_stop_that_is_not_an_event(app: SagaApplication) -> None:
+    with pytest.raises(TypeError, match=r"stop must be a threading\.Event, got 'soon'"):
+        app.work(stop="soon", until_idle=True)  # type: ignore[arg-type]
 
 
 # -- worker processes ----------------------------------------------------------------------
@@ -233,6 +283,26 @@ def test_a_worker_that_cannot_reach_its_store_retries_with_backoff(
     assert "retrying in 0.5s" in attempts[0]
     assert "retrying in 1.0s" in attempts[1]
     assert all(line.count("\n") == 0 for line in attempts)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"PERSISTENCE_MODULE": "eventsourcing.nowhere"}, "PERSISTENCE_MODULE"),
+        ({"POSTGRES_DBNAME": ""}, "POSTGRES_DBNAME"),
+        ({"SAGA_COMMIT_MAX_WAIT": "soon"}, "SAGA_COMMIT_MAX_WAIT"),
+    ],
+)
+def test_a_worker_with_a_setting_no_retry_can_mend_says_so_once_and_exits(
+    env: Env, sagas_module: Any, settings: Env, named: str
+) -> None:
+    """Only an unreachable store is waited for; a typo is not 'cannot reach the store'."""
+    worker = start_worker({**env, **settings}, sagas_module)
+    output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 2, output
+    assert "cannot reach the store" not in output
+    [line] = output.splitlines()
+    assert f"cannot start: {named}: " in line
 
 
 @pytest.mark.parametrize("store", ["postgres", "sqlite"])
