@@ -68,6 +68,16 @@ def _refuses_two_arguments(fn: Callable[..., Any]) -> str | None:
 _LONGEST_DEADLINE = (datetime.max.replace(tzinfo=UTC) - datetime.now(UTC)) / 2
 
 
+def _storable_name(what: str, name: str) -> None:
+    """Names are stored in every event: refuse one that some store could not keep."""
+    if "\x00" in name:
+        raise DefinitionError(f"{what} name {name!r} holds a NUL character (PostgreSQL refuses it)")
+    try:
+        name.encode("utf8")
+    except UnicodeEncodeError:
+        raise DefinitionError(f"{what} name {name!r} is not valid Unicode") from None
+
+
 def _positive(value: Any, *, allow_zero: bool = False) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
@@ -200,6 +210,7 @@ class Step:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise DefinitionError(f"a step needs a non-empty name, got {self.name!r}")
+        _storable_name("step", self.name)
         if self.action is None and self.fallback is not None:
             raise DefinitionError(
                 f"step {self.name!r}: a fallback needs a primary action to fall back from"
@@ -408,6 +419,7 @@ class SagaDefinition:
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError(f"a saga definition needs a non-empty name, got {name!r}")
+        _storable_name("saga", name)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise DefinitionError(f"saga {name!r}: version must be an int >= 1, got {version!r}")
         if deadline is not None and not (_positive(deadline) and math.isfinite(deadline)):

@@ -204,3 +204,11 @@ def test_a_deadline_past_the_largest_date_is_refused_at_definition_time(deadline
     with pytest.raises(DefinitionError, match="past the largest date"):
         SagaDefinition("order", [Step("a", act)], deadline=deadline)
     assert SagaDefinition("order", [Step("a", act)], deadline=1e9).deadline == 1e9
+
+
+@pytest.mark.parametrize("name", ["pa\x00y", "pay\udc80"], ids=["nul", "surrogate"])
+def test_a_name_no_store_could_keep_is_refused_at_definition_time(name: str) -> None:
+    with pytest.raises(DefinitionError, match="step name"):
+        Step(name, act)
+    with pytest.raises(DefinitionError, match="saga name"):
+        SagaDefinition(name, [Step("a", act)])
