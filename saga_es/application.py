@@ -818,6 +818,7 @@ class SagaApplication(Application[UUID]):
         for label, value in (("by", by), ("reason", reason)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"resolve needs {label}= (a non-empty string), got {value!r}")
+            _check_text(f"resolve {label}=", value)
         saga = self.get(saga_id)
         if saga.status != STUCK:  # said first: its definition need not be registered to know
             raise IllegalTransition(
@@ -953,6 +954,7 @@ class SagaApplication(Application[UUID]):
         for label, value in (("by", by), ("reason", reason)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"cancel needs {label}= (a non-empty string), got {value!r}")
+            _check_text(f"cancel {label}=", value)
         for _ in range(5):  # a worker may append between our read and our append
             saga = self.get(saga_id)
             drive = runner.cancel(saga, by=by, reason=reason)
@@ -1311,6 +1313,18 @@ def _unstorable(value: Any) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+def _check_text(label: str, text: str) -> None:
+    """Refuse, on every store, a recorded text that some store could not keep."""
+    if text.isascii() and "\x00" not in text:
+        return
+    if "\x00" in text:
+        raise ValueError(f"{label} {text!r} holds a NUL character, which PostgreSQL cannot store")
+    try:
+        text.encode("utf8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{label} {text!r} is not valid Unicode") from None
 
 
 def _check_key(key: Any) -> None:

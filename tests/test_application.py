@@ -885,6 +885,16 @@ def test_cancel_of_a_terminal_stuck_or_unknown_saga_is_refused_and_appends_nothi
         app.cancel(done.id, by=" ", reason="x")
 
 
+def test_a_cancel_whose_reason_no_store_could_keep_is_refused_and_appends_nothing(
+    app: SagaApplication,
+) -> None:
+    saga_id = app.submit(_shop([]), {}, key="k")
+    for by, reason, named in (("ada", "fraud\x00", "reason=.*NUL"), ("\udc80", "x", "by=")):
+        with pytest.raises(ValueError, match=named):
+            app.cancel(saga_id, by=by, reason=reason)
+    assert [r.event for r in app.history(saga_id)] == ["SagaStarted"]
+
+
 def test_a_cancel_racing_a_step_completion_leaves_one_legal_history(
     app: SagaApplication, reader: SagaApplication
 ) -> None:

@@ -757,6 +757,8 @@ def test_resolve_on_a_saga_that_is_not_stuck_says_so_even_where_its_definition_i
         ),
         pytest.param("retry", "", "why", ValueError, "resolve needs by=", id="no-by"),
         pytest.param("retry", "ada", "  ", ValueError, "resolve needs reason=", id="no-reason"),
+        pytest.param("retry", "a\x00da", "why", ValueError, "by=.*NUL", id="nul-by"),
+        pytest.param("retry", "ada", "why\udc80", ValueError, "reason=.*Unicode", id="bad-reason"),
     ],
 )
 def test_a_bad_resolution_of_a_stuck_saga_raises_and_appends_nothing(
