@@ -162,6 +162,15 @@ async def recover_one_async(
     except IntegrityError:
         _lost(report, saga)
         return
+    except (OperationalError, InterfaceError) as e:  # the store went away: a later pass resumes it
+        log.warning(
+            "saga %s: the store went away mid-run (%s); left in flight for a later pass",
+            saga.id,
+            e,
+            extra=saga_log_fields(saga),
+        )
+        report.waiting.append(saga.id)
+        return
     except Exception as e:
         _failed(report, saga.id, e)
         return
@@ -309,7 +318,7 @@ def store_unreachable(error: Exception, delay: float) -> float:
 
 
 def _timeout(app: SagaApplication, definition: SagaDefinition, row: SagaStatus) -> timedelta:
-    """The step's timeout; `inf` (or more than `timedelta` holds) means never take it over."""
+    """The step's timeout; one beyond what `timedelta` holds is the longest wait there is."""
     seconds = app.default_step_timeout
     if row.step is not None:
         with contextlib.suppress(SagaError):  # an unknown step fails when resumed

@@ -422,6 +422,70 @@ def test_a_worker_rides_out_its_database_refusing_connections_mid_run(
     assert "retrying in 1.0s" in waits[1]  # backing off
 
 
+def test_a_saga_whose_store_goes_away_mid_run_is_left_in_flight_not_failed(
+    store_env: Callable[..., Env], open_app: Callable[[Env], SagaApplication], request: Any
+) -> None:
+    """A save refused by an outage is no fault of the saga: a later pass finishes it."""
+    from psycopg import sql
+
+    from saga_es import SagaDefinition, Step
+
+    env = store_env("postgres")
+    server = request.getfixturevalue("pg_server")
+    database = sql.Identifier(env["POSTGRES_DBNAME"])
+    cuts: list[str] = []
+
+    with server.connect() as admin:
+
+        def cut_the_store(context: dict[str, Any], key: str) -> None:
+            if not cuts:  # the first attempt only: the store goes away under it
+                cuts.append(key)
+                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    [env["POSTGRES_DBNAME"]],
+                )
+
+        definition = SagaDefinition("cut", [Step("only", cut_the_store, timeout=0.5)])
+        app = open_app({**env, "POSTGRES_CONNECT_TIMEOUT": "2"})
+        app.register(definition)
+        saga_id = app.submit(definition, {})
+        stop = threading.Event()
+        records: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record.getMessage())
+
+        handler = Keep(level=logging.WARNING)
+        logging.getLogger("saga_es").addHandler(handler)
+        reports: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: reports.append(app.work(poll_interval=0.05, stop=stop))
+        )
+        try:
+            worker.start()
+            deadline = time.monotonic() + 30
+            while not any("went away mid-run" in m for m in records):
+                assert time.monotonic() < deadline, records
+                time.sleep(0.05)
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            deadline = time.monotonic() + 30
+            while app.get(saga_id).status != "completed":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            stop.set()
+            worker.join(30)
+            logging.getLogger("saga_es").removeHandler(handler)
+    (report,) = reports
+    assert report.failed == {}
+    assert saga_id in report.resumed
+    assert len(cuts) == 1
+    assert app.verify() == []
+
+
 @pytest.mark.parametrize("store", ["postgres", "sqlite"])
 def test_a_cancel_racing_a_worker_process_step_by_step_has_one_winner_and_a_legal_history(
     store: str, env: Env, app: SagaApplication, sagas_module: Any
