@@ -41,7 +41,7 @@ from saga_es.aggregate import KEY_NAMESPACE, Saga, SagaStarted, StreamProblem, k
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.commits import GroupCommit
 from saga_es.compat import CheckReport
-from saga_es.context import SagaTranscoder, State, to_state, topic_of
+from saga_es.context import SagaTranscoder, State, to_state, topic_of, unstorable_text
 from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
@@ -1296,48 +1296,16 @@ def _encode(transcoder: Transcoder, value: Any) -> None:
         raise ValueError("it holds the character NUL (\\x00), which PostgreSQL cannot store")
 
 
-def _unstorable(value: Any) -> str | None:
-    """Why a value JSON encodes cannot be stored alike on every store, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{value!r} is not JSON, and SQLite and PostgreSQL refuse it"
-    if isinstance(value, str) and "\x00" in value:
-        return "it holds a NUL character (\\x00), which PostgreSQL cannot store"
-    if isinstance(value, dict):
-        items: Iterable[Any] = (x for item in value.items() for x in item)
-    elif isinstance(value, list | tuple):
-        items = value
-    else:
-        return None
-    for item in items:
-        reason = _unstorable(item)
-        if reason is not None:
-            return reason
-    return None
-
-
 def _check_text(label: str, text: str) -> None:
     """Refuse, on every store, a recorded text that some store could not keep."""
-    if text.isascii() and "\x00" not in text:
-        return
-    if "\x00" in text:
-        raise ValueError(f"{label} {text!r} holds a NUL character, which PostgreSQL cannot store")
-    try:
-        text.encode("utf8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{label} {text!r} is not valid Unicode") from None
+    reason = unstorable_text(text)
+    if reason is not None:
+        raise ValueError(f"{label} {text!r} cannot be stored: {reason}")
 
 
 def _check_key(key: Any) -> None:
     """Refuse, on every store, a business key that some store could not keep."""
-    text = str(key)
-    reason = _unstorable(text)
-    if reason is None and not text.isascii():
-        try:
-            text.encode("utf8")
-        except UnicodeEncodeError as e:
-            reason = str(e)
-    if reason is not None:
-        raise ValueError(f"key {key!r} cannot be stored: {reason}")
+    _check_text("key", str(key))
 
 
 def _check_value(transcoder: Transcoder, name: str, value: Any, why: str = "") -> None:

@@ -150,6 +150,19 @@ def from_state(topic: str, state: State) -> Any:
     return cls(**fresh)
 
 
+def unstorable_text(text: str) -> str | None:
+    """Why some store could not keep `text`, or None: each refusal made one for all stores."""
+    if text.isascii() and "\x00" not in text:
+        return None
+    if "\x00" in text:
+        return "it holds a NUL character (\\x00), which PostgreSQL cannot store"
+    try:
+        text.encode("utf8")
+    except UnicodeEncodeError:
+        return "it is not valid Unicode (it holds lone surrogates)"
+    return None
+
+
 def storable_text(text: str) -> str:
     """`text` with what no store can hold escaped: NUL (PostgreSQL) and lone surrogates (UTF-8).
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from saga_es.breaker import CircuitBreaker
+from saga_es.context import unstorable_text
 from saga_es.errors import DefinitionError
 
 Action = Callable[[Any, str], Any]
@@ -70,12 +71,9 @@ _LONGEST_DEADLINE = (datetime.max.replace(tzinfo=UTC) - datetime.now(UTC)) / 2
 
 def _storable_name(what: str, name: str) -> None:
     """Names are stored in every event: refuse one that some store could not keep."""
-    if "\x00" in name:
-        raise DefinitionError(f"{what} name {name!r} holds a NUL character (PostgreSQL refuses it)")
-    try:
-        name.encode("utf8")
-    except UnicodeEncodeError:
-        raise DefinitionError(f"{what} name {name!r} is not valid Unicode") from None
+    reason = unstorable_text(name)
+    if reason is not None:
+        raise DefinitionError(f"{what} name {name!r} cannot be stored: {reason}")
 
 
 def _positive(value: Any, *, allow_zero: bool = False) -> bool:

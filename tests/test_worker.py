@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -370,34 +371,52 @@ def _instant(context: dict[str, Any], key: str) -> None:
     context["done"] = True
 
 
+def _allow_connections(admin: Any, dbname: str, allow: bool) -> None:
+    """Let the test database take connections, or refuse them and cut those it has."""
+    from psycopg import sql
+
+    admin.execute(
+        sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(dbname), sql.SQL("true" if allow else "false")
+        )
+    )
+    if not allow:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [dbname]
+        )
+
+
+@contextmanager
+def _warnings() -> Iterator[list[str]]:
+    """The messages of the WARNING (and worse) records on `saga_es` while inside."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logging.getLogger("saga_es").addHandler(handler)
+    try:
+        yield records
+    finally:
+        logging.getLogger("saga_es").removeHandler(handler)
+
+
 def test_a_worker_rides_out_its_database_refusing_connections_mid_run(
     store_env: Callable[..., Env], open_app: Callable[[Env], SagaApplication], request: Any
 ) -> None:
-    from psycopg import sql
-
     from saga_es import SagaDefinition, Step
 
     env = store_env("postgres")
     server = request.getfixturevalue("pg_server")
-    database = sql.Identifier(env["POSTGRES_DBNAME"])
+    dbname = env["POSTGRES_DBNAME"]
     definition = SagaDefinition("instant", [Step("only", _instant)])
     app = open_app({**env, "POSTGRES_CONNECT_TIMEOUT": "2"})
     app.register(definition)
-    with server.connect() as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-            [env["POSTGRES_DBNAME"]],
-        )
+    with server.connect() as admin, _warnings() as records:
+        _allow_connections(admin, dbname, False)
         stop = threading.Event()
-        records: list[str] = []
-
-        class Keep(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                records.append(record.getMessage())
-
-        handler = Keep(level=logging.WARNING)
-        logging.getLogger("saga_es").addHandler(handler)
         worker = threading.Thread(target=lambda: app.work(poll_interval=0.05, stop=stop))
         try:
             worker.start()
@@ -406,17 +425,16 @@ def test_a_worker_rides_out_its_database_refusing_connections_mid_run(
                 assert time.monotonic() < deadline, records
                 time.sleep(0.05)
             assert worker.is_alive()  # it waits and looks again; it does not give up
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            _allow_connections(admin, dbname, True)
             saga_id = app.submit(definition, {})
             deadline = time.monotonic() + 30
             while app.get(saga_id).status != "completed":
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         finally:
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            _allow_connections(admin, dbname, True)
             stop.set()
             worker.join(30)
-            logging.getLogger("saga_es").removeHandler(handler)
     waits = [m for m in records if "cannot reach the store" in m]
     assert "retrying in 0.5s" in waits[0]
     assert "retrying in 1.0s" in waits[1]  # backing off
@@ -426,39 +444,24 @@ def test_a_saga_whose_store_goes_away_mid_run_is_left_in_flight_not_failed(
     store_env: Callable[..., Env], open_app: Callable[[Env], SagaApplication], request: Any
 ) -> None:
     """A save refused by an outage is no fault of the saga: a later pass finishes it."""
-    from psycopg import sql
-
     from saga_es import SagaDefinition, Step
 
     env = store_env("postgres")
     server = request.getfixturevalue("pg_server")
-    database = sql.Identifier(env["POSTGRES_DBNAME"])
+    dbname = env["POSTGRES_DBNAME"]
     cuts: list[str] = []
-
-    with server.connect() as admin:
+    with server.connect() as admin, _warnings() as records:
 
         def cut_the_store(context: dict[str, Any], key: str) -> None:
             if not cuts:  # the first attempt only: the store goes away under it
                 cuts.append(key)
-                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    [env["POSTGRES_DBNAME"]],
-                )
+                _allow_connections(admin, dbname, False)
 
         definition = SagaDefinition("cut", [Step("only", cut_the_store, timeout=0.5)])
         app = open_app({**env, "POSTGRES_CONNECT_TIMEOUT": "2"})
         app.register(definition)
         saga_id = app.submit(definition, {})
         stop = threading.Event()
-        records: list[str] = []
-
-        class Keep(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                records.append(record.getMessage())
-
-        handler = Keep(level=logging.WARNING)
-        logging.getLogger("saga_es").addHandler(handler)
         reports: list[Any] = []
         worker = threading.Thread(
             target=lambda: reports.append(app.work(poll_interval=0.05, stop=stop))
@@ -469,16 +472,15 @@ def test_a_saga_whose_store_goes_away_mid_run_is_left_in_flight_not_failed(
             while not any("went away mid-run" in m for m in records):
                 assert time.monotonic() < deadline, records
                 time.sleep(0.05)
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            _allow_connections(admin, dbname, True)
             deadline = time.monotonic() + 30
             while app.get(saga_id).status != "completed":
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         finally:
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+            _allow_connections(admin, dbname, True)
             stop.set()
             worker.join(30)
-            logging.getLogger("saga_es").removeHandler(handler)
     (report,) = reports
     assert report.failed == {}
     assert saga_id in report.resumed
