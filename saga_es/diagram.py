@@ -446,6 +446,11 @@ def saga_path_diagram(
     A `DefinitionError` says the events were recorded by a saga of another name, or for
     other steps than `definition`'s.
     """
+    if isinstance(events, Saga):  # a saga does not keep its stream: the app reads it
+        raise TypeError(
+            f"saga_path_diagram takes the saga's events (app.saga_events({str(events.id)!r})) "
+            "or its history records (app.history(...)), not the Saga"
+        )
     trace = _trace(events)
     names = [step.name for step in definition.steps]
     if trace.recorded_name is not None and trace.recorded_name != definition.name:

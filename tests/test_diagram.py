@@ -533,6 +533,12 @@ def test_events_of_another_definition_are_refused(app: SagaApplication) -> None:
         saga_path_diagram(other, events)
 
 
+def test_a_saga_given_instead_of_its_events_says_where_they_are(app: SagaApplication) -> None:
+    saga, _ = run(app, booking())
+    with pytest.raises(TypeError, match=r"app.saga_events\('" + str(saga.id)):
+        saga_path_diagram(booking(), saga)  # type: ignore[arg-type]
+
+
 def test_a_definition_of_another_name_is_refused_naming_both(app: SagaApplication) -> None:
     saga, events = run(app, booking())
     same_steps = SagaDefinition(
