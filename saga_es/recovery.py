@@ -354,7 +354,7 @@ def verify_stream(app: SagaApplication, saga_id: UUID) -> StreamProblem | None:
         try:
             events.append(app.mapper.to_domain_event(record))
         except Exception as e:
-            reason = f"cannot be read ({type(e).__name__}: {e})"
+            reason = f"cannot be read ({app._cipher_hint(f'{type(e).__name__}: {e}')})"
             return StreamProblem(saga_id, record.originator_version, record.topic, reason)
     if not events:
         return StreamProblem(saga_id, 0, "(stream)", "no events stored")

@@ -325,8 +325,12 @@ def test_reading_with_another_key_names_the_setting(
 ) -> None:
     env = {**store_env(store), **CIPHERED}
     saga_id = open_app(env).run(ORDER, {"customer": ADA, "card": CARD}).id
+    other = open_app({**env, "CIPHER_KEY": OTHER_KEY})
     with pytest.raises(UnreadableEvent, match="CIPHER_KEY"):
-        open_app({**env, "CIPHER_KEY": OTHER_KEY}).get(saga_id)
+        other.get(saga_id)
+    (problem,) = other.verify()
+    assert (problem.saga_id, problem.version) == (saga_id, 1)
+    assert "another CIPHER_KEY" in problem.reason
 
 
 @pytest.mark.parametrize("store", DURABLE_STORES)
