@@ -891,7 +891,11 @@ class SagaApplication(Application[UUID]):
         it runs from `from_step` on (by default under the original's definition; after a
         fix, under the fixed one). The original's stream is never changed. A definition
         that lacks a carried-over step is refused with the divergences (`ForkRefused`).
+        A `key` is checked and stored as `run` does its own, so it reads alike on every store.
         """
+        if key is not None:
+            _check_key(key)
+            key = str(key)
         source = self.get(saga_id)
         if definition is None:
             definition = self.definition(source.name, source.definition_version)

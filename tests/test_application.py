@@ -1049,6 +1049,26 @@ def test_a_keyed_fork_runs_once(app: SagaApplication) -> None:
     assert calls == []
 
 
+@pytest.mark.parametrize(("key", "reason"), [("a\x00b", "NUL"), ("\udc80", "surrogates")])
+def test_a_fork_refuses_a_key_some_store_cannot_keep_alike_on_every_store(
+    app: SagaApplication, key: str, reason: str
+) -> None:
+    failed = app.run(_parcel([], label_works=False), {})
+    stored = app.stats()
+    with pytest.raises(ValueError, match=f"key .* cannot be stored: .*{reason}"):
+        app.fork(failed.id, "label", _parcel([], label_works=True, version=2), key=key)
+    assert app.stats() == stored
+
+
+def test_a_fork_key_is_stored_as_a_str_as_run_stores_it(app: SagaApplication) -> None:
+    failed = app.run(_parcel([], label_works=False), {})
+    fixed = _parcel([], label_works=True, version=2)
+    forked = app.fork(failed.id, "label", fixed, key=7)  # type: ignore[arg-type]
+    assert forked.key == "7"
+    assert app.fork(failed.id, "label", fixed, key="7").id == forked.id
+    assert [row.key for row in app.sagas(status="completed")] == ["7"]
+
+
 def test_a_fork_that_cannot_be_carried_is_refused_and_stores_nothing(
     app: SagaApplication,
 ) -> None:
