@@ -41,7 +41,15 @@ from saga_es.aggregate import KEY_NAMESPACE, Saga, SagaStarted, StreamProblem, k
 from saga_es.clock import SYSTEM_CLOCK, Clock
 from saga_es.commits import GroupCommit
 from saga_es.compat import CheckReport
-from saga_es.context import SagaTranscoder, State, to_state, topic_of, unstorable_text
+from saga_es.context import (
+    LONGEST_KEY,
+    SagaTranscoder,
+    State,
+    overlong_text,
+    to_state,
+    topic_of,
+    unstorable_text,
+)
 from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
 from saga_es.errors import (
@@ -1308,8 +1316,12 @@ def _check_text(label: str, text: str) -> None:
 
 
 def _check_key(key: Any) -> None:
-    """Refuse, on every store, a business key that some store could not keep."""
-    _check_text("key", str(key))
+    """Refuse, on every store, a business key that some store could not keep (or index)."""
+    text = str(key)
+    _check_text("key", text)
+    reason = overlong_text(text, LONGEST_KEY)
+    if reason is not None:
+        raise ValueError(f"key {text[:40]!r}… cannot be stored: {reason}")
 
 
 def _check_value(transcoder: Transcoder, name: str, value: Any, why: str = "") -> None:

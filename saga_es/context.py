@@ -150,6 +150,23 @@ def from_state(topic: str, state: State) -> Any:
     return cls(**fresh)
 
 
+LONGEST_NAME = 1000
+LONGEST_KEY = 2000
+"""The longest saga or step name, and business key, in UTF-8 bytes. PostgreSQL indexes the
+status rows by name and by key, and an index entry holds about 2,700 bytes at most; a step's
+name is part of the key of the child saga it runs (`<parent id>:<step>`)."""
+
+
+def overlong_text(text: str, limit: int) -> str | None:
+    """Why an indexed text (a name, a key) is too long for PostgreSQL, or None: refused alike."""
+    if len(text) * 4 <= limit:  # short for sure: no need to encode it
+        return None
+    size = len(text.encode("utf8", "surrogatepass"))
+    if size <= limit:
+        return None
+    return f"it is {size} bytes long in UTF-8, over the {limit} that PostgreSQL can index"
+
+
 def unstorable_text(text: str) -> str | None:
     """Why some store could not keep `text`, or None: each refusal made one for all stores."""
     if text.isascii() and "\x00" not in text:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -1047,6 +1048,34 @@ def test_a_keyed_fork_runs_once(app: SagaApplication) -> None:
     calls.clear()
     assert app.fork(failed.id, "label", fixed, key="retry-1").id == first.id
     assert calls == []
+
+
+def _incompressible(size: int) -> str:
+    """Text PostgreSQL cannot shrink to fit an index entry (a repeated letter it would)."""
+    return random.Random(size).randbytes(size).hex()[:size]
+
+
+def test_a_key_too_long_for_postgresql_to_index_is_refused_alike_on_every_store(
+    app: SagaApplication,
+) -> None:
+    # PostgreSQL indexes the status rows by key: a longer key was an OperationalError
+    # there and stored elsewhere. It is refused on every store, before anything is stored.
+    calls: list[str] = []
+    definition = _parcel(calls, label_works=True)
+    long_key = _incompressible(2001)  # PostgreSQL refused such keys past about 2,700 bytes
+    with pytest.raises(ValueError, match=r"key '[0-9a-f]{20}.*cannot be stored: .*2001 bytes"):
+        app.run(definition, {}, key=long_key)
+    with pytest.raises(ValueError, match=r"key .* cannot be stored: .*bytes"):
+        app.submit(definition, {}, key="é" * 1001)
+    assert calls == []
+    assert app.stats() == {}
+    longest = _incompressible(2000)
+    assert app.run(definition, {}, key=longest).status == "completed"
+    failed = app.run(_parcel(calls, label_works=False), {})
+    with pytest.raises(ValueError, match=r"key .* cannot be stored"):
+        app.fork(failed.id, "label", _parcel(calls, label_works=True, version=2), key=long_key)
+    assert [row.key for row in app.sagas(key=longest)] == [longest]
+    assert sum(app.stats().values()) == 2
 
 
 @pytest.mark.parametrize(("key", "reason"), [("a\x00b", "NUL"), ("\udc80", "surrogates")])

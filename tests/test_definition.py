@@ -206,6 +206,17 @@ def test_a_deadline_past_the_largest_date_is_refused_at_definition_time(deadline
     assert SagaDefinition("order", [Step("a", act)], deadline=1e9).deadline == 1e9
 
 
+def test_a_name_too_long_for_postgresql_to_index_is_refused_at_definition_time() -> None:
+    # PostgreSQL indexes the status rows by name (and a step's name is in its child's key):
+    # refused on every store, so a definition that runs on one runs on all.
+    for name in ("n" * 1001, "é" * 501):
+        with pytest.raises(DefinitionError, match=r"step name .* bytes"):
+            Step(name, act)
+        with pytest.raises(DefinitionError, match=r"saga name .* bytes"):
+            SagaDefinition(name, [Step("a", act)])
+    assert SagaDefinition("n" * 1000, [Step("é" * 500, act)]).name == "n" * 1000
+
+
 @pytest.mark.parametrize("name", ["pa\x00y", "pay\udc80"], ids=["nul", "surrogate"])
 def test_a_name_no_store_could_keep_is_refused_at_definition_time(name: str) -> None:
     with pytest.raises(DefinitionError, match="step name"):
