@@ -1220,6 +1220,8 @@ def _status_query(
         statuses: tuple[str, ...] = ()
     elif isinstance(status, str):
         statuses = (status,)
+    elif isinstance(status, bytes | bytearray):  # iterable, but of ints: name it as it was given
+        raise ValueError(f"status= must be a saga status or a list of them, got {status!r}")
     else:
         try:
             statuses = tuple(status)

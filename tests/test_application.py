@@ -662,6 +662,10 @@ def test_a_query_with_a_filter_of_the_wrong_type_is_refused_the_same_on_every_st
             app.sagas(**bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=named):
             app.stats(**bad)  # type: ignore[arg-type]
+    # Bytes are a sequence of ints: they were read as the status 99 ("c").
+    for odd in (b"completed", bytearray(b"completed")):
+        with pytest.raises(ValueError, match=r"status= must be a saga status .* got .*completed"):
+            app.sagas(status=odd)  # type: ignore[arg-type]
 
 
 def test_sagas_take_none_for_any_status_and_refuse_a_time_that_is_not_one(
