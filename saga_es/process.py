@@ -201,9 +201,17 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
             except Exception as e:
                 if not _bad_input(e):
                     raise  # the store failed: the event stays unprocessed, to be retried
-                processing_event.collect_events(
-                    self._failure(start, domain_event, processing_event.tracking, e)
-                )
+                failure = self._failure(start, domain_event, processing_event.tracking, e)
+                if failure.id not in processing_event.aggregates:  # one per definition and event
+                    processing_event.collect_events(failure)
+                else:  # saved twice, it would break the event's transaction (and the runner)
+                    log.debug(
+                        "no %s saga started for this event either: %s: %s",
+                        failure.definition,
+                        failure.error_type,
+                        failure.error_message,
+                        extra={"saga_name": failure.definition},
+                    )
                 continue
             if saga.pending_events and saga.id not in processing_event.aggregates:
                 processing_event.collect_events(saga)

@@ -710,6 +710,39 @@ def test_two_starts_of_one_saga_for_one_event_start_it_once(
     assert process.recorder.max_tracking_id("Orders") == placed.id
 
 
+class BothFail(SagaProcess):
+    """Two payment sagas per order, one under the customer's name: one context for both."""
+
+    starts = {  # noqa: RUF012
+        Order.Placed: [
+            StartSaga(payment, context=payment_context),
+            StartSaga(payment, context=payment_context, key=lambda placed: placed.customer),
+        ]
+    }
+
+
+@pytest.mark.parametrize("runner_class", RUNNERS, ids=lambda c: c.__name__)
+def test_two_starts_of_one_definition_that_both_fail_record_one_failure(
+    systems: Callable[..., Runner[Any]], runner_class: type[Runner[Any]]
+) -> None:
+    # Both failures would be the same StartFailure (one per definition and event): saving
+    # it twice broke the event's transaction, and the leader's save (or the runner's thread).
+    runner = systems(runner_class, pipes=[[Orders, BothFail]])
+    orders, process = runner.get(Orders), runner.get(BothFail)
+    order_id = orders.place("cy", 0)  # payment_context raises, for both starts
+    orders.place("dee", 10)
+    process.recorder.wait("Orders", 2, timeout=20)
+
+    (failure,) = process.start_failures()
+    assert (failure.definition, failure.event_id, failure.position) == ("payment", str(order_id), 1)
+    assert failure.error_message == "amount must be positive, got 0"
+    sagas = ended(
+        process, saga_of(orders_log(orders)[1].originator_id), BothFail.saga_id("payment", "dee")
+    )
+    assert [saga.status for saga in sagas] == ["completed", "completed"]
+    assert process.recorder.max_tracking_id("Orders") == 2
+
+
 def test_saga_process_is_exported_and_is_an_eventsourcing_process_application() -> None:
     for name in ("SagaProcess", "StartSaga", "StartFailure"):
         assert name in saga_es.__all__
