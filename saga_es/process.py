@@ -194,12 +194,14 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         recorded as a `StartFailure`.
         """
         for start in self._starts_for(type(domain_event)):
+            built = False
             try:
                 context = start.context(domain_event)
                 key = default_key(domain_event) if start.key is None else start.key(domain_event)
+                built = True
                 saga = self._start(start.definition, context, key, begin=False)
             except Exception as e:
-                if not _bad_input(e):
+                if not _bad_input(e, from_builder=not built):
                     raise  # the store failed: the event stays unprocessed, to be retried
                 failure = self._failure(start, domain_event, processing_event.tracking, e)
                 if failure.id not in processing_event.aggregates:  # one per definition and event
@@ -420,16 +422,19 @@ def default_key(domain_event: DomainEventProtocol[Any]) -> str:
     return f"{domain_event.originator_id}:{domain_event.originator_version}"
 
 
-def _bad_input(error: Exception) -> bool:
+def _bad_input(error: Exception, *, from_builder: bool) -> bool:
     """Whether `error` came from the event's data (a StartFailure), not from the store.
 
-    Anything the user's context or key function raises is bad input, and so is a context
-    that cannot be stored (`ContextError`); the store's own errors (eventsourcing's
-    `PersistenceError`, or a stored saga that cannot be read) are not.
+    Anything the user's context or key function raises is bad input (a `SagaNotFound`
+    from a look-up too: it would fail again on every delivery), but for eventsourcing's
+    `PersistenceError`, and so is a context that cannot be stored (`ContextError`); the
+    store's own errors (`PersistenceError`, or a stored saga that cannot be read) are not.
     """
     if isinstance(error, ContextError):
         return True
-    return not isinstance(error, PersistenceError | SagaError)
+    if isinstance(error, PersistenceError):
+        return False
+    return from_builder or not isinstance(error, SagaError)
 
 
 def _starts(starts: Starts) -> dict[type[Any], tuple[StartSaga, ...]]:

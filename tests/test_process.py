@@ -606,6 +606,32 @@ def test_a_context_that_cannot_be_stored_is_a_start_failure_too(
     assert payments.stats() == {}
 
 
+def test_a_saga_error_raised_by_the_context_builder_is_a_start_failure(
+    standalone: Callable[..., Any],
+) -> None:
+    # Only the store's errors leave the event unprocessed: a builder that looks up a saga
+    # that is not there would otherwise fail again on every delivery, and block the runner.
+    lookups: list[SagaProcess] = []
+
+    def refund_context(placed: Any) -> dict[str, Any]:
+        lookups[0].get(saga_of(placed.originator_id))  # SagaNotFound: no payment saga
+        return payment_context(placed)
+
+    class Refunds(SagaProcess):
+        starts = {Order.Placed: StartSaga(payment, context=refund_context)}  # noqa: RUF012
+
+    orders: Orders = standalone(Orders)
+    refunds = standalone(Refunds)
+    lookups.append(refunds)
+    orders.place("ada", 30)
+    (placed,) = orders_log(orders)
+    refunds.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+    (failure,) = refunds.start_failures()
+    assert failure.error_type == "SagaNotFound"
+    assert refunds.recorder.max_tracking_id("Orders") == placed.id
+    assert refunds.stats() == {}
+
+
 def test_a_store_error_is_no_start_failure_the_event_stays_unprocessed(
     standalone: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
