@@ -160,7 +160,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
     """Run the sagas a domain event started once they are committed, in the runner's thread.
 
     `False` (or the setting `RUN_SAGAS=no`) leaves them pending for `work()`, so that worker
-    processes run them and the runner's thread only records.
+    processes run them and the runner's thread only records. An empty setting is unset.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -173,7 +173,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         self._starts = _starts(self.starts)
         raw = self.env.get(RUN_SAGAS)
         try:
-            self._runs_sagas = self.run_sagas if raw is None else bool(strtobool(raw))
+            self._runs_sagas = self.run_sagas if raw in (None, "") else bool(strtobool(raw))
         except ValueError:
             raise ConfigurationError(RUN_SAGAS, f"expected yes or no, got {raw!r}") from None
         self._started = threading.local()  # the sagas this thread's processing recorded

@@ -375,6 +375,21 @@ def test_the_run_sagas_setting_leaves_started_sagas_pending_for_work(
         payments.close()
 
 
+def test_an_empty_run_sagas_setting_keeps_the_class_default(
+    standalone: Callable[..., Any], env: Env
+) -> None:
+    # As for SAGA_STEP_TIMEOUT (and eventsourcing's own flags), an empty setting is unset.
+    orders: Orders = standalone(Orders)
+    payments = Payments(env={**env, "RUN_SAGAS": ""})
+    try:
+        ada = orders.place("ada", 30)
+        (placed,) = orders_log(orders)
+        payments.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+        assert payments.get(saga_of(ada)).status == "completed"
+    finally:
+        payments.close()
+
+
 def test_a_malformed_run_sagas_setting_names_the_setting(env: Env) -> None:
     with pytest.raises(saga_es.ConfigurationError, match=r"RUN_SAGAS.*maybe"):
         Payments(env={**env, "RUN_SAGAS": "maybe"})
