@@ -160,7 +160,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
     """Run the sagas a domain event started once they are committed, in the runner's thread.
 
     `False` (or the setting `RUN_SAGAS=no`) leaves them pending for `work()`, so that worker
-    processes run them and the runner's thread only records.
+    processes run them and the runner's thread only records. An empty setting is unset.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -173,7 +173,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         self._starts = _starts(self.starts)
         raw = self.env.get(RUN_SAGAS)
         try:
-            self._runs_sagas = self.run_sagas if raw is None else bool(strtobool(raw))
+            self._runs_sagas = self.run_sagas if raw in (None, "") else bool(strtobool(raw))
         except ValueError:
             raise ConfigurationError(RUN_SAGAS, f"expected yes or no, got {raw!r}") from None
         self._started = threading.local()  # the sagas this thread's processing recorded
@@ -194,16 +194,26 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         recorded as a `StartFailure`.
         """
         for start in self._starts_for(type(domain_event)):
+            built = False
             try:
                 context = start.context(domain_event)
                 key = default_key(domain_event) if start.key is None else start.key(domain_event)
+                built = True
                 saga = self._start(start.definition, context, key, begin=False)
             except Exception as e:
-                if not _bad_input(e):
+                if not _bad_input(e, from_builder=not built):
                     raise  # the store failed: the event stays unprocessed, to be retried
-                processing_event.collect_events(
-                    self._failure(start, domain_event, processing_event.tracking, e)
-                )
+                failure = self._failure(start, domain_event, processing_event.tracking, e)
+                if failure.id not in processing_event.aggregates:  # one per definition and event
+                    processing_event.collect_events(failure)
+                else:  # saved twice, it would break the event's transaction (and the runner)
+                    log.debug(
+                        "no %s saga started for this event either: %s: %s",
+                        failure.definition,
+                        failure.error_type,
+                        failure.error_message,
+                        extra={"saga_name": failure.definition},
+                    )
                 continue
             if saga.pending_events and saga.id not in processing_event.aggregates:
                 processing_event.collect_events(saga)
@@ -412,16 +422,19 @@ def default_key(domain_event: DomainEventProtocol[Any]) -> str:
     return f"{domain_event.originator_id}:{domain_event.originator_version}"
 
 
-def _bad_input(error: Exception) -> bool:
+def _bad_input(error: Exception, *, from_builder: bool) -> bool:
     """Whether `error` came from the event's data (a StartFailure), not from the store.
 
-    Anything the user's context or key function raises is bad input, and so is a context
-    that cannot be stored (`ContextError`); the store's own errors (eventsourcing's
-    `PersistenceError`, or a stored saga that cannot be read) are not.
+    Anything the user's context or key function raises is bad input (a `SagaNotFound`
+    from a look-up too: it would fail again on every delivery), but for eventsourcing's
+    `PersistenceError`, and so is a context that cannot be stored (`ContextError`); the
+    store's own errors (`PersistenceError`, or a stored saga that cannot be read) are not.
     """
     if isinstance(error, ContextError):
         return True
-    return not isinstance(error, PersistenceError | SagaError)
+    if isinstance(error, PersistenceError):
+        return False
+    return from_builder or not isinstance(error, SagaError)
 
 
 def _starts(starts: Starts) -> dict[type[Any], tuple[StartSaga, ...]]:

@@ -375,6 +375,21 @@ def test_the_run_sagas_setting_leaves_started_sagas_pending_for_work(
         payments.close()
 
 
+def test_an_empty_run_sagas_setting_keeps_the_class_default(
+    standalone: Callable[..., Any], env: Env
+) -> None:
+    # As for SAGA_STEP_TIMEOUT (and eventsourcing's own flags), an empty setting is unset.
+    orders: Orders = standalone(Orders)
+    payments = Payments(env={**env, "RUN_SAGAS": ""})
+    try:
+        ada = orders.place("ada", 30)
+        (placed,) = orders_log(orders)
+        payments.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+        assert payments.get(saga_of(ada)).status == "completed"
+    finally:
+        payments.close()
+
+
 def test_a_malformed_run_sagas_setting_names_the_setting(env: Env) -> None:
     with pytest.raises(saga_es.ConfigurationError, match=r"RUN_SAGAS.*maybe"):
         Payments(env={**env, "RUN_SAGAS": "maybe"})
@@ -606,6 +621,32 @@ def test_a_context_that_cannot_be_stored_is_a_start_failure_too(
     assert payments.stats() == {}
 
 
+def test_a_saga_error_raised_by_the_context_builder_is_a_start_failure(
+    standalone: Callable[..., Any],
+) -> None:
+    # Only the store's errors leave the event unprocessed: a builder that looks up a saga
+    # that is not there would otherwise fail again on every delivery, and block the runner.
+    lookups: list[SagaProcess] = []
+
+    def refund_context(placed: Any) -> dict[str, Any]:
+        lookups[0].get(saga_of(placed.originator_id))  # SagaNotFound: no payment saga
+        return payment_context(placed)
+
+    class Refunds(SagaProcess):
+        starts = {Order.Placed: StartSaga(payment, context=refund_context)}  # noqa: RUF012
+
+    orders: Orders = standalone(Orders)
+    refunds = standalone(Refunds)
+    lookups.append(refunds)
+    orders.place("ada", 30)
+    (placed,) = orders_log(orders)
+    refunds.process_event(orders.mapper.to_domain_event(placed), Tracking("Orders", placed.id))
+    (failure,) = refunds.start_failures()
+    assert failure.error_type == "SagaNotFound"
+    assert refunds.recorder.max_tracking_id("Orders") == placed.id
+    assert refunds.stats() == {}
+
+
 def test_a_store_error_is_no_start_failure_the_event_stays_unprocessed(
     standalone: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -708,6 +749,39 @@ def test_two_starts_of_one_saga_for_one_event_start_it_once(
     assert EFFECTS == ["reserve ada", "charge ada 30"]  # run once
     assert "n" not in process.get(saga_of(order_id)).context  # the first start is the saga
     assert process.recorder.max_tracking_id("Orders") == placed.id
+
+
+class BothFail(SagaProcess):
+    """Two payment sagas per order, one under the customer's name: one context for both."""
+
+    starts = {  # noqa: RUF012
+        Order.Placed: [
+            StartSaga(payment, context=payment_context),
+            StartSaga(payment, context=payment_context, key=lambda placed: placed.customer),
+        ]
+    }
+
+
+@pytest.mark.parametrize("runner_class", RUNNERS, ids=lambda c: c.__name__)
+def test_two_starts_of_one_definition_that_both_fail_record_one_failure(
+    systems: Callable[..., Runner[Any]], runner_class: type[Runner[Any]]
+) -> None:
+    # Both failures would be the same StartFailure (one per definition and event): saving
+    # it twice broke the event's transaction, and the leader's save (or the runner's thread).
+    runner = systems(runner_class, pipes=[[Orders, BothFail]])
+    orders, process = runner.get(Orders), runner.get(BothFail)
+    order_id = orders.place("cy", 0)  # payment_context raises, for both starts
+    orders.place("dee", 10)
+    process.recorder.wait("Orders", 2, timeout=20)
+
+    (failure,) = process.start_failures()
+    assert (failure.definition, failure.event_id, failure.position) == ("payment", str(order_id), 1)
+    assert failure.error_message == "amount must be positive, got 0"
+    sagas = ended(
+        process, saga_of(orders_log(orders)[1].originator_id), BothFail.saga_id("payment", "dee")
+    )
+    assert [saga.status for saga in sagas] == ["completed", "completed"]
+    assert process.recorder.max_tracking_id("Orders") == 2
 
 
 def test_saga_process_is_exported_and_is_an_eventsourcing_process_application() -> None:
