@@ -171,6 +171,8 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         """Open the store as `SagaApplication` does (same options) and register the definitions."""
         super().__init__(env, **options)
         self._starts = _starts(self.starts)
+        if not isinstance(self.run_sagas, bool):
+            raise TypeError(f"run_sagas must be True or False, got {self.run_sagas!r}")
         raw = self.env.get(RUN_SAGAS)
         try:
             self._runs_sagas = self.run_sagas if raw in (None, "") else bool(strtobool(raw))
@@ -264,7 +266,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
                 check, clock, reload = self._check_encodable, self.clock, self.get
                 runner.run(saga, definition, self._save, check, first, clock, reload)
         except IntegrityError:
-            log.info(
+            log.warning(
                 "saga %s was taken by a worker first: left to it",
                 saga.id,
                 extra=saga_log_fields(saga),

@@ -950,3 +950,12 @@ def test_an_eventsourcing_follower_downstream_of_the_sagas_sees_every_saga_event
         n.topic.removeprefix("saga_es:")
         for n in payments.recorder.select_notifications(None, limit=1000)
     )
+
+
+def test_a_run_sagas_that_is_not_a_bool_is_refused(env: Env) -> None:
+    class Vague(SagaProcess):
+        starts = {Order.Placed: StartSaga(payment, context=payment_context)}  # noqa: RUF012
+        run_sagas = "no"  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match="run_sagas must be True or False, got 'no'"):
+        Vague(env=env)
