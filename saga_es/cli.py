@@ -552,9 +552,13 @@ def export(
             text = export_html(app, saga_id)
     if output is None:
         click.echo(text)
-    else:
+        return
+    try:
         Path(output).write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+    except OSError as e:  # no such folder, no permission, a full disk: the user's to mend
+        click.echo(f"saga-es: cannot write {output}: {e.strerror or e}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {output}", err=True)
 
 
 @cli.command()

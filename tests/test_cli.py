@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,7 @@ def test_verify_and_recover_from_the_command_line(tmp_path: Path) -> None:
 
 
 REFUNDS = """
+from collections.abc import Callable
 from pathlib import Path
 
 from saga_es import SagaDefinition, Step
@@ -481,3 +484,35 @@ def test_app_chooses_the_application_class_whose_tables_the_commands_read(
     wrong = runner.invoke(cli, ["--app", "shop_app:ORDER", "list"])
     assert wrong.exit_code == 2
     assert "not a SagaApplication subclass" in wrong.output
+
+
+def _saga_es(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`saga-es ARGS` in its own process, as a user runs it, on the store `env` names."""
+    base = _base_env()
+    path = os.pathsep.join(p for p in (str(cwd), base.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "saga_es", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env={**base, "PYTHONPATH": path, **env},
+    )
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_export_to_a_file_that_cannot_be_written_is_one_line_naming_it(
+    env: dict[str, str], open_app: Callable[[dict[str, str]], SagaApplication], tmp_path: Path
+) -> None:
+    from saga_es.demo import CUSTOMERS, TRIP
+
+    saga = open_app(env).run(TRIP, CUSTOMERS[0])
+    target = tmp_path / "no" / "such" / "folder" / "saga.json"
+    done = _saga_es(env, "export", str(saga.id), "-o", str(target), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("saga-es: ")
+    assert str(target) in lines[0]
+    assert not target.parent.exists()
