@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -75,8 +75,8 @@ def _app_class(spec: str | None) -> type[SagaApplication]:
         return SagaApplication
     module_name, _, name = spec.partition(":")
     try:
-        found = getattr(importlib.import_module(module_name), name or "")
-    except (ImportError, AttributeError, ValueError) as e:
+        found = getattr(_import(module_name, spec, "--app"), name or "")
+    except AttributeError as e:
         raise click.BadParameter(f"{spec}: {e}", param_hint="--app") from None
     if not (isinstance(found, type) and issubclass(found, SagaApplication)):
         raise click.BadParameter(f"{spec} is not a SagaApplication subclass", param_hint="--app")
@@ -674,17 +674,36 @@ def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
 def _load_definitions(spec: str) -> list[SagaDefinition]:
     """The definitions named by MODULE or MODULE:NAME."""
     module_name, _, attribute = spec.partition(":")
+    module = _import(module_name, spec, "--definitions")
     try:
-        module = importlib.import_module(module_name)
         found: Any = getattr(module, attribute) if attribute else vars(module).values()
-    except (ImportError, AttributeError) as e:
+    except AttributeError as e:
         raise click.BadParameter(f"{spec}: {e}", param_hint="--definitions") from None
     if isinstance(found, SagaDefinition):
         return [found]
-    definitions = [d for d in found if isinstance(d, SagaDefinition)]
+    definitions = (
+        [d for d in found if isinstance(d, SagaDefinition)]
+        if isinstance(found, Iterable) and not isinstance(found, str | bytes)
+        else []
+    )
     if not definitions:
         raise click.BadParameter(f"{spec} holds no SagaDefinition", param_hint="--definitions")
     return definitions
+
+
+def _import(module_name: str, spec: str, param_hint: str) -> Any:
+    """The user's module; failing to import it is a usage error naming it, in one line.
+
+    A typo, a syntax error or an exception its own code raised is the user's to mend,
+    so it reads as such, not as a traceback through the CLI.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
+        raise click.BadParameter(
+            f"{spec}: cannot import {module_name!r}: {reason}", param_hint=param_hint
+        ) from None
 
 
 def _console() -> Console:

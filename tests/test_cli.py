@@ -516,3 +516,37 @@ def test_export_to_a_file_that_cannot_be_written_is_one_line_naming_it(
     assert lines[0].startswith("saga-es: ")
     assert str(target) in lines[0]
     assert not target.parent.exists()
+
+
+BROKEN_MODULES = {
+    "raises_at_import": "raise RuntimeError('no connection to the payment service')\n",
+    "syntax_error": "def charge(:\n",
+    "holds_a_number": "ORDER = 5\n",
+}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "raises_at_import",
+        "syntax_error",
+        "holds_a_number:ORDER",
+        ":ORDER",
+        "..relative",
+    ],
+)
+def test_definitions_and_app_that_cannot_be_loaded_are_usage_errors(
+    spec: str, tmp_path: Path
+) -> None:
+    for name, text in BROKEN_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    env = _sqlite(tmp_path / "sagas.db")
+    for args in (
+        ["recover", "--definitions", spec],
+        ["diagram", "--definitions", spec],
+        ["--app", spec if ":" in spec else f"{spec}:Sagas", "list"],
+    ):
+        done = _saga_es(env, *args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        assert spec.split(":")[0] in done.stderr.splitlines()[-1], (args, done.stderr)
