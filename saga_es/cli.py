@@ -43,6 +43,7 @@ from saga_es.machine import STATES
 from saga_es.timeline import render
 
 DEFAULT_DB = "saga_es.db"
+_DEFINITIONS_HINT = "--definitions MODULE[:NAME] (or SAGA_ES_DEFINITIONS)"
 log = logging.getLogger("saga_es")
 
 _db_option = click.option(
@@ -98,6 +99,9 @@ def _app(db: str | None) -> Iterator[SagaApplication]:
     try:
         with _chosen_class()(env=env) as app:
             yield app
+    except DefinitionNotFound as e:  # its advice is for Python callers; say the option too
+        click.echo(f"saga-es: {e}; on the command line: {_DEFINITIONS_HINT}", err=True)
+        sys.exit(1)
     except SagaError as e:
         click.echo(f"saga-es: {e}", err=True)
         sys.exit(1)
@@ -376,6 +380,8 @@ def recover(db: str | None, modules: tuple[str, ...]) -> None:
     )
     for saga_id, reason in report.failed.items():
         console.print(f"  [red]{saga_id}[/red]: {reason}", highlight=False)
+    if report.failed and not definitions:
+        console.print(f"  no definitions were given: {_DEFINITIONS_HINT}", highlight=False)
     if report.failed:
         sys.exit(1)
 
@@ -506,7 +512,7 @@ def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[s
         try:
             definition = app.definition(name, version)
         except DefinitionNotFound as e:
-            click.echo(f"saga-es: {e}; on the command line: --definitions MODULE", err=True)
+            click.echo(f"saga-es: {e}; on the command line: {_DEFINITIONS_HINT}", err=True)
             sys.exit(1)
         drawing = saga_path_diagram(definition, records)
     click.echo(drawing)

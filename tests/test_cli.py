@@ -550,3 +550,31 @@ def test_definitions_and_app_that_cannot_be_loaded_are_usage_errors(
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr, (args, done.stderr)
         assert spec.split(":")[0] in done.stderr.splitlines()[-1], (args, done.stderr)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_command_without_the_definitions_it_needs_names_the_option(
+    env: dict[str, str], open_app: Callable[[dict[str, str]], SagaApplication], tmp_path: Path
+) -> None:
+    from saga_es.demo import CUSTOMERS, TRIP
+
+    app = open_app(env)
+    saga = app.run(TRIP, CUSTOMERS[1])
+    pending = app.submit(TRIP, CUSTOMERS[0])
+    for args in (
+        ["fork", str(saga.id), "--from-step", "book_hotel"],
+        ["cancel", str(pending), "--by", "ada", "--reason", "test"],
+        ["diagram", str(saga.id)],
+    ):
+        done = _saga_es(env, *args, cwd=tmp_path)
+        if args[0] == "cancel":  # needs no definition: the next worker compensates
+            assert done.returncode == 0, done.stderr
+            continue
+        assert done.returncode == 1, (args, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert "no saga definition 'trip' version 1" in line
+        assert "--definitions MODULE" in line
+    app.submit(TRIP, CUSTOMERS[1])
+    done = _saga_es(env, "recover", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "--definitions MODULE" in done.stdout
