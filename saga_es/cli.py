@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ from saga_es.machine import STATES
 from saga_es.timeline import render
 
 DEFAULT_DB = "saga_es.db"
+_DEFINITIONS_HINT = "--definitions MODULE[:NAME] (or SAGA_ES_DEFINITIONS)"
 log = logging.getLogger("saga_es")
 
 _db_option = click.option(
@@ -75,8 +76,8 @@ def _app_class(spec: str | None) -> type[SagaApplication]:
         return SagaApplication
     module_name, _, name = spec.partition(":")
     try:
-        found = getattr(importlib.import_module(module_name), name or "")
-    except (ImportError, AttributeError, ValueError) as e:
+        found = getattr(_import(module_name, spec, "--app"), name or "")
+    except AttributeError as e:
         raise click.BadParameter(f"{spec}: {e}", param_hint="--app") from None
     if not (isinstance(found, type) and issubclass(found, SagaApplication)):
         raise click.BadParameter(f"{spec} is not a SagaApplication subclass", param_hint="--app")
@@ -98,6 +99,9 @@ def _app(db: str | None) -> Iterator[SagaApplication]:
     try:
         with _chosen_class()(env=env) as app:
             yield app
+    except DefinitionNotFound as e:  # its advice is for Python callers; say the option too
+        click.echo(f"saga-es: {e}; on the command line: {_DEFINITIONS_HINT}", err=True)
+        sys.exit(1)
     except SagaError as e:
         click.echo(f"saga-es: {e}", err=True)
         sys.exit(1)
@@ -376,6 +380,8 @@ def recover(db: str | None, modules: tuple[str, ...]) -> None:
     )
     for saga_id, reason in report.failed.items():
         console.print(f"  [red]{saga_id}[/red]: {reason}", highlight=False)
+    if report.failed and not definitions:
+        console.print(f"  no definitions were given: {_DEFINITIONS_HINT}", highlight=False)
     if report.failed:
         sys.exit(1)
 
@@ -506,7 +512,7 @@ def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[s
         try:
             definition = app.definition(name, version)
         except DefinitionNotFound as e:
-            click.echo(f"saga-es: {e}; on the command line: --definitions MODULE", err=True)
+            click.echo(f"saga-es: {e}; on the command line: {_DEFINITIONS_HINT}", err=True)
             sys.exit(1)
         drawing = saga_path_diagram(definition, records)
     click.echo(drawing)
@@ -552,9 +558,13 @@ def export(
             text = export_html(app, saga_id)
     if output is None:
         click.echo(text)
-    else:
+        return
+    try:
         Path(output).write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+    except OSError as e:  # no such folder, no permission, a full disk: the user's to mend
+        click.echo(f"saga-es: cannot write {output}: {e.strerror or e}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {output}", err=True)
 
 
 @cli.command()
@@ -670,17 +680,36 @@ def _connect(db: str | None, stop: threading.Event) -> SagaApplication | None:
 def _load_definitions(spec: str) -> list[SagaDefinition]:
     """The definitions named by MODULE or MODULE:NAME."""
     module_name, _, attribute = spec.partition(":")
+    module = _import(module_name, spec, "--definitions")
     try:
-        module = importlib.import_module(module_name)
         found: Any = getattr(module, attribute) if attribute else vars(module).values()
-    except (ImportError, AttributeError) as e:
+    except AttributeError as e:
         raise click.BadParameter(f"{spec}: {e}", param_hint="--definitions") from None
     if isinstance(found, SagaDefinition):
         return [found]
-    definitions = [d for d in found if isinstance(d, SagaDefinition)]
+    definitions = (
+        [d for d in found if isinstance(d, SagaDefinition)]
+        if isinstance(found, Iterable) and not isinstance(found, str | bytes)
+        else []
+    )
     if not definitions:
         raise click.BadParameter(f"{spec} holds no SagaDefinition", param_hint="--definitions")
     return definitions
+
+
+def _import(module_name: str, spec: str, param_hint: str) -> Any:
+    """The user's module; failing to import it is a usage error naming it, in one line.
+
+    A typo, a syntax error or an exception its own code raised is the user's to mend,
+    so it reads as such, not as a traceback through the CLI.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
+        raise click.BadParameter(
+            f"{spec}: cannot import {module_name!r}: {reason}", param_hint=param_hint
+        ) from None
 
 
 def _console() -> Console:

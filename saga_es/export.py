@@ -130,10 +130,14 @@ def export_records(
     """The saga (None if an event cannot be read) and one record per stored event.
 
     Events are decoded one by one so that an unreadable one becomes a record marked
-    `readable=False` instead of hiding the rest.
+    `readable=False` instead of hiding the rest. When no event can be read (another
+    `CIPHER_KEY`, say) there is no rest to export: the error names the first event and
+    the setting, as `get` and `history` do, instead of a document of nulls.
     """
     uuid = _as_uuid(saga_id)
     history = app.history(uuid, strict=False)
+    if history and not any(record.readable for record in history):
+        app.history(uuid)  # raises UnreadableEvent, naming the event and the setting
     saga: Saga | None = None
     if all(record.readable for record in history):
         try:

@@ -58,7 +58,10 @@ _PG_HINTS = (
     ("translate host name", "POSTGRES_HOST"),
     ("connection refused", "POSTGRES_PORT"),
     ("timeout", "POSTGRES_HOST"),
+    ("max_size", "POSTGRES_MAX_OVERFLOW"),  # psycopg_pool's names for the pool's bounds
+    ("min_size", "POSTGRES_POOL_SIZE"),
 )
+_TRUTH_VALUE = re.compile(r"invalid truth value '([^']*)'")
 
 
 _TOPIC_SETTINGS = (
@@ -108,6 +111,11 @@ def _named_error(error: Exception, env: Environment) -> ConfigurationError:
                 "install it, or set CIPHER_TOPIC=eventsourcing.cryptography:AESCipher "
                 f"(the cryptography package) ({message})",
             )
+    truth = _TRUTH_VALUE.search(message)
+    if truth:  # eventsourcing's strtobool names the value, not the setting that holds it
+        for name, value in env.items():
+            if value == truth.group(1):
+                return ConfigurationError(name, message)
     match = _SETTING_IN_MESSAGE.search(message)
     if match:
         return ConfigurationError(match.group(1), message)
@@ -116,6 +124,12 @@ def _named_error(error: Exception, env: Environment) -> ConfigurationError:
     if "postgres" in module:
         if env.get("POSTGRES_SCHEMA") and f'schema "{env.get("POSTGRES_SCHEMA")}"' in message:
             return ConfigurationError("POSTGRES_SCHEMA", message)  # the server knows no such schema
+        if "couldn't get a connection" in lowered and _not_positive(
+            env.get("POSTGRES_CONNECT_TIMEOUT")
+        ):
+            return ConfigurationError(
+                "POSTGRES_CONNECT_TIMEOUT", f"must be a positive number of seconds ({message})"
+            )
         for needle, setting in _PG_HINTS:
             if needle in lowered:
                 return ConfigurationError(setting, message)
@@ -123,6 +137,14 @@ def _named_error(error: Exception, env: Environment) -> ConfigurationError:
     if "sqlite" in module:
         return ConfigurationError("SQLITE_DBNAME", message)
     return ConfigurationError("PERSISTENCE_MODULE", message)
+
+
+def _not_positive(value: str | None) -> bool:
+    """Whether a numeric setting was given as zero or less (the pool then waits no time)."""
+    try:
+        return value is not None and float(value) <= 0
+    except ValueError:
+        return False
 
 
 SAGA_COMMIT_MAX_BATCH = "SAGA_COMMIT_MAX_BATCH"

@@ -382,6 +382,10 @@ def bad_postgres(pg_server: PgServer, **changes: str | None) -> Env:
         ({"POSTGRES_PASSWORD": "wrong-pass-5c1f"}, "POSTGRES_PASSWORD"),
         ({"POSTGRES_DBNAME": None}, "POSTGRES_DBNAME"),
         ({"POSTGRES_DBNAME": "no_such_database"}, "POSTGRES_DBNAME"),
+        ({"POSTGRES_POOL_SIZE": "-1"}, "POSTGRES_POOL_SIZE"),
+        ({"POSTGRES_MAX_OVERFLOW": "-5"}, "POSTGRES_MAX_OVERFLOW"),
+        ({"POSTGRES_PRE_PING": "maybe"}, "POSTGRES_PRE_PING"),
+        ({"POSTGRES_CONNECT_TIMEOUT": "-3"}, "POSTGRES_CONNECT_TIMEOUT"),
     ],
     ids=[
         "bad-port",
@@ -390,6 +394,10 @@ def bad_postgres(pg_server: PgServer, **changes: str | None) -> Env:
         "bad-password",
         "missing-dbname",
         "unknown-dbname",
+        "negative-pool-size",
+        "negative-max-overflow",
+        "pre-ping-not-a-boolean",
+        "negative-connect-timeout",
     ],
 )
 def test_wrong_postgres_settings_name_the_setting_and_hide_the_password(

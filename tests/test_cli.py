@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,7 @@ def test_verify_and_recover_from_the_command_line(tmp_path: Path) -> None:
 
 
 REFUNDS = """
+from collections.abc import Callable
 from pathlib import Path
 
 from saga_es import SagaDefinition, Step
@@ -481,3 +484,97 @@ def test_app_chooses_the_application_class_whose_tables_the_commands_read(
     wrong = runner.invoke(cli, ["--app", "shop_app:ORDER", "list"])
     assert wrong.exit_code == 2
     assert "not a SagaApplication subclass" in wrong.output
+
+
+def _saga_es(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`saga-es ARGS` in its own process, as a user runs it, on the store `env` names."""
+    base = _base_env()
+    path = os.pathsep.join(p for p in (str(cwd), base.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "saga_es", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env={**base, "PYTHONPATH": path, **env},
+    )
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_export_to_a_file_that_cannot_be_written_is_one_line_naming_it(
+    env: dict[str, str], open_app: Callable[[dict[str, str]], SagaApplication], tmp_path: Path
+) -> None:
+    from saga_es.demo import CUSTOMERS, TRIP
+
+    saga = open_app(env).run(TRIP, CUSTOMERS[0])
+    target = tmp_path / "no" / "such" / "folder" / "saga.json"
+    done = _saga_es(env, "export", str(saga.id), "-o", str(target), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("saga-es: ")
+    assert str(target) in lines[0]
+    assert not target.parent.exists()
+
+
+BROKEN_MODULES = {
+    "raises_at_import": "raise RuntimeError('no connection to the payment service')\n",
+    "syntax_error": "def charge(:\n",
+    "holds_a_number": "ORDER = 5\n",
+}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "raises_at_import",
+        "syntax_error",
+        "holds_a_number:ORDER",
+        ":ORDER",
+        "..relative",
+    ],
+)
+def test_definitions_and_app_that_cannot_be_loaded_are_usage_errors(
+    spec: str, tmp_path: Path
+) -> None:
+    for name, text in BROKEN_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    env = _sqlite(tmp_path / "sagas.db")
+    for args in (
+        ["recover", "--definitions", spec],
+        ["diagram", "--definitions", spec],
+        ["--app", spec if ":" in spec else f"{spec}:Sagas", "list"],
+    ):
+        done = _saga_es(env, *args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        assert spec.split(":")[0] in done.stderr.splitlines()[-1], (args, done.stderr)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_command_without_the_definitions_it_needs_names_the_option(
+    env: dict[str, str], open_app: Callable[[dict[str, str]], SagaApplication], tmp_path: Path
+) -> None:
+    from saga_es.demo import CUSTOMERS, TRIP
+
+    app = open_app(env)
+    saga = app.run(TRIP, CUSTOMERS[1])
+    pending = app.submit(TRIP, CUSTOMERS[0])
+    for args in (
+        ["fork", str(saga.id), "--from-step", "book_hotel"],
+        ["cancel", str(pending), "--by", "ada", "--reason", "test"],
+        ["diagram", str(saga.id)],
+    ):
+        done = _saga_es(env, *args, cwd=tmp_path)
+        if args[0] == "cancel":  # needs no definition: the next worker compensates
+            assert done.returncode == 0, done.stderr
+            continue
+        assert done.returncode == 1, (args, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert "no saga definition 'trip' version 1" in line
+        assert "--definitions MODULE" in line
+    app.submit(TRIP, CUSTOMERS[1])
+    done = _saga_es(env, "recover", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "--definitions MODULE" in done.stdout

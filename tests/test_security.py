@@ -334,6 +334,35 @@ def test_reading_with_another_key_names_the_setting(
 
 
 @pytest.mark.parametrize("store", DURABLE_STORES)
+def test_exporting_with_another_key_names_the_setting_instead_of_a_document_of_nulls(
+    store: str, store_env: Callable[..., Env], open_app: Callable[[Env], SagaApplication]
+) -> None:
+    from saga_es.export import export_html, export_json
+
+    env = {**store_env(store), **CIPHERED}
+    saga_id = open_app(env).run(ORDER, {"customer": ADA, "card": CARD}).id
+    other = open_app({**env, "CIPHER_KEY": OTHER_KEY})
+    for export in (export_json, export_html):
+        with pytest.raises(UnreadableEvent, match="CIPHER_KEY") as raised:
+            export(other, saga_id)
+        assert (raised.value.saga_id, raised.value.version) == (saga_id, 1)
+    done = subprocess.run(
+        [sys.executable, "-m", "saga_es", "export", str(saga_id)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **env, "CIPHER_KEY": OTHER_KEY},
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"saga-es: saga {saga_id} version 1 ")
+    assert "CIPHER_KEY" in line
+    assert KEY not in line
+    assert OTHER_KEY not in line
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
 def test_a_worker_with_another_key_reports_the_submitted_saga_naming_the_setting(
     store: str,
     store_env: Callable[..., Env],
