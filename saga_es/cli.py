@@ -200,7 +200,7 @@ def _filters(command: Callable[..., None]) -> Callable[..., None]:
 @click.option(
     "--after", default=None, metavar="ID", callback=_saga_id, help="The page after this saga id."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_(
     db: str | None,
     statuses: tuple[str, ...],
@@ -237,9 +237,8 @@ def list_(
         }
         for row in found
     ]
-    if as_json:
-        for row in rows:
-            click.echo(json.dumps(row))
+    if as_json:  # one document, as `stats --json` and `show --json` print
+        click.echo(json.dumps(rows))
         return
     if not rows:
         click.echo("0 saga(s)")

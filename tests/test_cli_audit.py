@@ -41,7 +41,7 @@ def saga_es(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
 def listed(env: Env, *args: str) -> list[str]:
     done = saga_es(env, "list", "--json", *args)
     assert done.returncode == 0, done.stderr
-    return [json.loads(line)["key"] for line in done.stdout.splitlines()]
+    return [row["key"] for row in json.loads(done.stdout)]
 
 
 def append_ghost(app: SagaApplication, saga_id: UUID) -> int:
@@ -86,7 +86,7 @@ def test_list_refuses_a_malformed_cursor_and_says_when_nothing_matches(
     app = open_app(env)
     for i in range(3):
         app.run(TRIP, CUSTOMERS[0], key=f"k{i}")
-    first = json.loads(saga_es(env, "list", "--json", "--limit", "1").stdout)["id"]
+    first = json.loads(saga_es(env, "list", "--json", "--limit", "1").stdout)[0]["id"]
     assert listed(env, "--after", first) == ["k1", "k2"]
 
     malformed = saga_es(env, "list", "--after", "not-a-saga-id")
