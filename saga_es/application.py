@@ -1118,6 +1118,8 @@ class SagaApplication(Application[UUID]):
         binary = "codec can't decode" in reason or "Expecting value" in reason
         if self.mapper.cipher is None and self.mapper.compressor is None and binary:
             return f"{reason} (was it written with CIPHER_KEY or COMPRESSOR_TOPIC set?)"
+        if self.mapper.compressor is None and binary:  # deciphered, but still compressed
+            return f"{reason} (was it written with COMPRESSOR_TOPIC set?)"
         return reason
 
     def stream_ids(self) -> Iterator[UUID]:

@@ -362,6 +362,17 @@ def test_exporting_with_another_key_names_the_setting_instead_of_a_document_of_n
     assert OTHER_KEY not in line
 
 
+@pytest.mark.parametrize("store", ["sqlite"])
+def test_reading_a_compressed_store_without_its_compressor_names_the_setting(
+    store: str, store_env: Callable[..., Env], open_app: Callable[[Env], SagaApplication]
+) -> None:
+    env = {**store_env(store), **CIPHERED}
+    saga_id = open_app(env).run(ORDER, {"customer": ADA, "card": CARD}).id
+    without = {k: v for k, v in env.items() if k != "COMPRESSOR_TOPIC"}
+    with pytest.raises(UnreadableEvent, match="written with COMPRESSOR_TOPIC set"):
+        open_app(without).get(saga_id)
+
+
 @pytest.mark.parametrize("store", DURABLE_STORES)
 def test_a_worker_with_another_key_reports_the_submitted_saga_naming_the_setting(
     store: str,
