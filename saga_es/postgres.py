@@ -747,6 +747,11 @@ def check_settings(env: Environment) -> None:
     port = env.get("POSTGRES_PORT") or "5432"
     if not (port.strip().isdecimal() and 1 <= int(port) <= 65535):  # libpq: "the host"
         raise ConfigurationError("POSTGRES_PORT", f"must be a number from 1 to 65535, got {port!r}")
+    raw_timeout = env.get("POSTGRES_CONNECT_TIMEOUT") or ""
+    if raw_timeout.strip().lstrip("-").isdecimal() and int(raw_timeout) <= 0:  # it would spin
+        raise ConfigurationError(
+            "POSTGRES_CONNECT_TIMEOUT", f"must be a positive number of seconds, got {raw_timeout!r}"
+        )
     tls = tls_options(env)
     target: dict[str, Any] = {
         "host": env.get("POSTGRES_HOST"),

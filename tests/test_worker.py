@@ -292,6 +292,7 @@ def test_a_worker_that_cannot_reach_its_store_retries_with_backoff(
         ({"PERSISTENCE_MODULE": "eventsourcing.nowhere"}, "PERSISTENCE_MODULE"),
         ({"POSTGRES_DBNAME": ""}, "POSTGRES_DBNAME"),
         ({"SAGA_COMMIT_MAX_WAIT": "soon"}, "SAGA_COMMIT_MAX_WAIT"),
+        ({"POSTGRES_CONNECT_TIMEOUT": "0"}, "POSTGRES_CONNECT_TIMEOUT"),
     ],
 )
 def test_a_worker_with_a_setting_no_retry_can_mend_says_so_once_and_exits(
