@@ -30,7 +30,9 @@ from eventsourcing.persistence import StoredEvent
 from saga_es import (
     ConfigurationError,
     DefinitionError,
+    FakeClock,
     Parallel,
+    Retry,
     Saga,
     SagaApplication,
     SagaDefinition,
@@ -714,6 +716,54 @@ def test_a_steps_own_timeout_overrides_the_default(app: SagaApplication, shop: S
     report = app.recover()
     assert (report.waiting, report.resumed) == ([saga_id], [other])
     assert app.get(other).status == "completed"
+
+
+class DiesWhileWaiting(FakeClock):
+    """A clock whose worker dies in the wait before a retry (as a SIGKILL would)."""
+
+    def sleep(self, seconds: float) -> None:
+        raise WorkerDied(f"waiting {seconds}s")
+
+
+@pytest.mark.parametrize("store", DURABLE_STORES)
+def test_a_worker_that_died_waiting_to_retry_leaves_its_saga_to_recovery_after_the_timeout(
+    env: Env, open_app: Callable[[Env], SagaApplication], shop: Shop
+) -> None:
+    """`StepFailed(will_retry=True)` with no new start: the next attempt is recovery's.
+
+    The saga is left to its (possibly still waiting) worker within the step's timeout, like
+    any running step; after it, recovery starts the next attempt at once, on the same key,
+    without waiting the backoff again (retries.md).
+    """
+    retry = {"b": {"retry": Retry(attempts=3, delay=5.0, jitter=0)}}
+    shop.fail = {"b"}
+    worker = SagaApplication(env=env, clock=DiesWhileWaiting())
+    try:
+        saga_id = crash(worker, shop.definition(**retry), "k")
+    finally:
+        worker.close()
+    assert [move[:5] for move in moves(open_app(env), saga_id)[-2:]] == [
+        ("StepStarted", "b", 1),
+        ("StepFailed", "b", 1, "NoRooms", True),
+    ]
+
+    waiting = open_app(env)  # the default timeout: 60 s
+    waiting.register(shop.definition(**retry))
+    only(waiting.recover(), saga_id, "waiting")
+
+    shop.fail = set()
+    clock = FakeClock()
+    rescuer = SagaApplication(env={**env, "SAGA_STEP_TIMEOUT": "0"}, clock=clock)
+    try:
+        rescuer.register(shop.definition(**retry))
+        only(rescuer.recover(), saga_id, "resumed")
+        assert rescuer.get(saga_id).status == "completed"
+        assert rescuer.get(saga_id).attempts["b"] == 2
+    finally:
+        rescuer.close()
+    assert clock.sleeps == []
+    assert len(set(shop.keys("do", "b"))) == 1
+    assert shop.log("do") == [("do", "a"), ("do", "b"), ("do", "b"), ("do", "c")]
 
 
 @pytest.mark.parametrize("setting", ["1e300", "1e12"])
