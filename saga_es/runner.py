@@ -986,9 +986,19 @@ async def _group(
     commits: asyncio.Queue[Any] = asyncio.Queue()
     finished: dict[str, tuple[Call, Outcome]] = {}
     tasks: dict[str, asyncio.Task[None]] = {}
+    lost: list[BaseException] = []
 
     async def commit() -> None:
-        commits.put_nowait(await save(saga))
+        try:
+            events = await save(saga)
+        except BaseException as e:
+            # The saga in memory is now past the store (a cancel won the append, say):
+            # a later member's save would put its events after the newer ones, unchecked.
+            lost.append(e)
+            if not isinstance(e, asyncio.CancelledError):  # the group is ending anyway
+                commits.put_nowait(e)
+            raise
+        commits.put_nowait(events)
 
     async def turn_back(failed: str) -> None:
         others = [task for step, task in tasks.items() if step != failed]
@@ -1018,7 +1028,7 @@ async def _group(
             outcome = await ainvoke(call, saga, clock)
             finished[name] = (call, outcome)
             async with lock:
-                if saga.status != RUNNING or saga.in_flight.get(name) != call.attempt:
+                if lost or saga.status != RUNNING or saga.in_flight.get(name) != call.attempt:
                     return
                 delay = settle(saga, definition, call, outcome, check, clock.now())
                 if saga.status == COMPENSATING and saga.in_flight:
@@ -1027,7 +1037,7 @@ async def _group(
             if delay is not None:
                 await clock.asleep(delay)
                 async with lock:
-                    if saga.status != RUNNING or name not in saga.retrying:
+                    if lost or saga.status != RUNNING or name not in saga.retrying:
                         return
                     saga.start_step(name, saga.attempts[name] + 1)
                     await commit()
