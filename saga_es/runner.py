@@ -823,6 +823,10 @@ def _is_group(saga: Saga, calls: Sequence[Call]) -> bool:
     )
 
 
+_OBEY_ATTEMPTS = 5
+"""Appends a runner may lose to cancels (each a `CancelRequested`) while recording one call."""
+
+
 def _obey(
     saga: Saga,
     reload: Callable[[Any], Saga] | None,
@@ -904,8 +908,15 @@ def _run(
         try:
             save(saga)
         except IntegrityError:
-            saga = _obey(saga, reload, definition, call, outcome, check, now)
-            save(saga)
+            for _ in range(_OBEY_ATTEMPTS):  # each loss is to one more cancel, else _obey raises
+                saga = _obey(saga, reload, definition, call, outcome, check, now)
+                try:
+                    save(saga)
+                    break
+                except IntegrityError:
+                    continue
+            else:
+                raise IntegrityError(f"saga {saga.id}: kept losing its append to cancels")
             continue
         if delay is not None:
             clock.sleep(delay)
@@ -948,10 +959,18 @@ async def arun(
         try:
             events = await save(saga)
         except IntegrityError:
-            saga = await asyncio.to_thread(
-                _obey, saga, reload, definition, call, outcome, check, now
-            )
-            yield await save(saga)
+            for _ in range(_OBEY_ATTEMPTS):  # each loss is to one more cancel, else _obey raises
+                saga = await asyncio.to_thread(
+                    _obey, saga, reload, definition, call, outcome, check, now
+                )
+                try:
+                    events = await save(saga)
+                    break
+                except IntegrityError:
+                    continue
+            else:
+                raise IntegrityError(f"saga {saga.id}: kept losing its append to cancels")
+            yield events
             continue
         yield events
         if delay is not None:
