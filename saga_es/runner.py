@@ -823,6 +823,10 @@ def _is_group(saga: Saga, calls: Sequence[Call]) -> bool:
     )
 
 
+_OBEY_ATTEMPTS = 5
+"""Appends a runner may lose to cancels (each a `CancelRequested`) while recording one call."""
+
+
 def _obey(
     saga: Saga,
     reload: Callable[[Any], Saga] | None,
@@ -904,8 +908,15 @@ def _run(
         try:
             save(saga)
         except IntegrityError:
-            saga = _obey(saga, reload, definition, call, outcome, check, now)
-            save(saga)
+            for _ in range(_OBEY_ATTEMPTS):  # each loss is to one more cancel, else _obey raises
+                saga = _obey(saga, reload, definition, call, outcome, check, now)
+                try:
+                    save(saga)
+                    break
+                except IntegrityError:
+                    continue
+            else:
+                raise IntegrityError(f"saga {saga.id}: kept losing its append to cancels")
             continue
         if delay is not None:
             clock.sleep(delay)
@@ -948,10 +959,18 @@ async def arun(
         try:
             events = await save(saga)
         except IntegrityError:
-            saga = await asyncio.to_thread(
-                _obey, saga, reload, definition, call, outcome, check, now
-            )
-            yield await save(saga)
+            for _ in range(_OBEY_ATTEMPTS):  # each loss is to one more cancel, else _obey raises
+                saga = await asyncio.to_thread(
+                    _obey, saga, reload, definition, call, outcome, check, now
+                )
+                try:
+                    events = await save(saga)
+                    break
+                except IntegrityError:
+                    continue
+            else:
+                raise IntegrityError(f"saga {saga.id}: kept losing its append to cancels")
+            yield events
             continue
         yield events
         if delay is not None:
@@ -986,9 +1005,19 @@ async def _group(
     commits: asyncio.Queue[Any] = asyncio.Queue()
     finished: dict[str, tuple[Call, Outcome]] = {}
     tasks: dict[str, asyncio.Task[None]] = {}
+    lost: list[BaseException] = []
 
     async def commit() -> None:
-        commits.put_nowait(await save(saga))
+        try:
+            events = await save(saga)
+        except BaseException as e:
+            # The saga in memory is now past the store (a cancel won the append, say):
+            # a later member's save would put its events after the newer ones, unchecked.
+            lost.append(e)
+            if not isinstance(e, asyncio.CancelledError):  # the group is ending anyway
+                commits.put_nowait(e)
+            raise
+        commits.put_nowait(events)
 
     async def turn_back(failed: str) -> None:
         others = [task for step, task in tasks.items() if step != failed]
@@ -1018,7 +1047,7 @@ async def _group(
             outcome = await ainvoke(call, saga, clock)
             finished[name] = (call, outcome)
             async with lock:
-                if saga.status != RUNNING or saga.in_flight.get(name) != call.attempt:
+                if lost or saga.status != RUNNING or saga.in_flight.get(name) != call.attempt:
                     return
                 delay = settle(saga, definition, call, outcome, check, clock.now())
                 if saga.status == COMPENSATING and saga.in_flight:
@@ -1027,7 +1056,7 @@ async def _group(
             if delay is not None:
                 await clock.asleep(delay)
                 async with lock:
-                    if saga.status != RUNNING or name not in saga.retrying:
+                    if lost or saga.status != RUNNING or name not in saga.retrying:
                         return
                     saga.start_step(name, saga.attempts[name] + 1)
                     await commit()

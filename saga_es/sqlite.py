@@ -33,6 +33,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import (
+    ConnectionPoolClosedError,
     OperationalError,
     ProcessRecorder,
     StoredEvent,
@@ -341,6 +342,8 @@ class SQLiteWriterRecorder(SQLiteApplicationRecorder):
         with self._writer_lock:
             writer = self._writer
             if writer is None or writer.closed:
+                if pool.closed:  # `close()` ran: reopening would leak a connection nobody closes
+                    raise ConnectionPoolClosedError("the application's SQLite store was closed")
                 writer = self._writer = self._open_writer()
             if one_statement:  # the common case, straight on the driver's connection
                 try:

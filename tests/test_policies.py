@@ -1715,6 +1715,49 @@ def test_a_parallel_member_is_retried_on_its_own(app: SagaApplication, clock: Fa
     assert app.verify() == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_member_ending_after_a_lost_append_writes_nothing_over_the_newer_history(
+    app: SagaApplication, mode: str
+) -> None:
+    """A cancel lands while a group runs: the member whose append it beats stops the group.
+
+    The saga in memory is then one event past the store; had the other member committed
+    from it, its events would have taken versions after the cancel, unchecked (a stream
+    with `StepStarted` after `CancelRequested`, and a member's completion missing).
+    """
+    saga_id = SagaApplication.saga_id("lost-append", "k")
+    ran: list[str] = []
+
+    async def first(context: Any, key: str) -> None:
+        await asyncio.to_thread(app.cancel, saga_id, by="ops", reason="stop")
+        await asyncio.sleep(0)
+        context["first"] = True
+
+    async def second(context: Any, key: str) -> None:
+        while not app.get(saga_id).cancel_requested:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.002)  # past `first`'s lost append
+        context["second"] = True
+
+    definition = SagaDefinition(
+        "lost-append",
+        [
+            Parallel(Step("first", first), Step("second", second)),
+            Step("after", lambda c, k: ran.append("after")),
+        ],
+    )
+    if mode == "run":
+        app.run(definition, {}, key="k")
+    else:
+        asyncio.run(app.arun(definition, {}, key="k"))
+    assert app.verify() == []
+    assert ran == []
+    app.default_step_timeout = 0
+    app.recover()
+    assert app.get(saga_id).status == "cancelled"
+    assert app.verify() == []
+
+
 def test_the_state_machine_guards_each_member_of_a_group() -> None:
     saga = Saga.start(
         id=uuid4(),

@@ -859,3 +859,47 @@ def test_every_history_resume_writes_passes_the_verifier() -> None:
             saga_runner.resume(saga, definition)
             assert saga.pending_events
             assert verify_events([*history, *saga.pending_events]) is None
+
+
+@pytest.mark.parametrize("mode", ["run", "arun"])
+def test_a_second_cancel_landing_while_the_runner_obeys_the_first_is_obeyed_too(
+    app: SagaApplication, mode: str
+) -> None:
+    """Two people cancel one saga: the runner loses its append twice and still finishes it."""
+    saga_id = SagaApplication.saga_id("twice", "k")
+    undone: list[str] = []
+    ran: list[str] = []
+
+    def reserve(context: Any, key: str) -> None:
+        app.cancel(saga_id, by="ada", reason="first")
+        context["reserved"] = True
+
+    definition = SagaDefinition(
+        "twice",
+        [
+            Step("reserve", reserve, lambda c, k: undone.append("reserve")),
+            Step("ship", lambda c, k: ran.append("ship")),
+        ],
+    )
+    get = app.get
+    reloads: list[int] = []
+
+    def reload(saga_id: Any, version: int | None = None) -> Saga:
+        saga = get(saga_id, version)
+        if saga.cancel_requested is not None and not reloads:  # the runner, after its lost append
+            reloads.append(saga.version)
+            app.cancel(saga_id, by="bob", reason="second")  # lands before its next append
+        return saga
+
+    app.get = reload  # type: ignore[method-assign]
+    if mode == "run":
+        saga = app.run(definition, {}, key="k")
+    else:
+        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    assert reloads
+    assert saga.status == "cancelled"
+    assert get(saga_id).status == "cancelled"
+    assert undone == ["reserve"]
+    assert ran == []
+    assert [r.event for r in app.history(saga_id)].count("CancelRequested") == 2
+    assert app.verify() == []

@@ -2,6 +2,8 @@ import sqlite3
 from pathlib import Path
 from uuid import uuid4
 
+import pytest
+
 from saga_es import Saga, SagaApplication
 from saga_es.status import IN_FLIGHT_STATES, SagaStatus
 
@@ -96,3 +98,28 @@ def test_the_triggers_of_an_earlier_release_are_dropped_and_the_rows_still_kept(
             key=lambda row: row.saga_id,
         )
         assert [row.saga_id for row in app.sagas(status=IN_FLIGHT_STATES)] == [running.id]
+
+
+def test_a_save_after_close_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """A saga still running in a thread when its application closes stops at its next save.
+
+    The writer's connection is not opened again behind the closed pool (it would never be
+    closed, and the file would go on changing after `close()`).
+    """
+    from eventsourcing.persistence import ConnectionPoolClosedError
+
+    from saga_es import SagaDefinition, Step
+
+    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp_path / "s.db")}
+    app = SagaApplication(env=env)
+    definition = SagaDefinition("late", [Step("a", lambda c, k: app.close())])
+    with pytest.raises(ConnectionPoolClosedError, match="closed"):
+        app.run(definition, {}, key="k")
+    assert app.recorder._writer is None  # type: ignore[attr-defined]
+    reader = SagaApplication(env=env)
+    try:
+        events = reader.saga_events(SagaApplication.saga_id("late", "k"))
+        assert [type(e).__name__ for e in events] == ["SagaStarted", "StepStarted"]
+        assert reader.verify() == []
+    finally:
+        reader.close()
