@@ -893,7 +893,8 @@ def _run(
             async def asave(saga: Saga) -> Sequence[Saga.Event]:
                 return await asyncio.to_thread(save, saga)
 
-            _run_coroutine(_drain(_group(saga, definition, asave, check, clock, calls)))
+            group = _group(saga, definition, asave, check, clock, calls, reload, watch)
+            _run_coroutine(_drain(group))
             continue
         if not calls:
             if saga.retrying and saga.status in (RUNNING, COMPENSATING):
@@ -943,7 +944,7 @@ async def arun(
     while True:
         calls = next_calls(saga, definition)
         if _is_group(saga, calls):
-            async for events in _group(saga, definition, save, check, clock, calls):
+            async for events in _group(saga, definition, save, check, clock, calls, reload, watch):
                 yield events
             continue
         if not calls:
@@ -994,32 +995,82 @@ async def _group(
     check: Check,
     clock: Clock,
     calls: Sequence[Call],
+    reload: Callable[[Any], Saga] | None = None,
+    watch: Watch | None = None,
 ) -> AsyncIterator[Sequence[Saga.Event]]:
     """Run a parallel group's members concurrently, each settled and saved as it ends.
 
     One lock orders the members' appends. When a member fails for good, the others are
     cancelled; those that had already finished are settled with their own outcome, the
-    rest as cancelled (outcome unknown), all in the failing member's commit.
+    rest as cancelled (outcome unknown), all in the failing member's commit. A cancel
+    another process appends meanwhile is obeyed as `_obey` obeys it for one step: the
+    group takes on the stored saga, records its commit there, and the members still
+    running end on their own (a `cancellable` one is cut) before compensation starts.
     """
     lock = asyncio.Lock()
     commits: asyncio.Queue[Any] = asyncio.Queue()
     finished: dict[str, tuple[Call, Outcome]] = {}
+    answers: dict[tuple[str, int], bool] = {}  # reconciles asked, not asked again on a redo
     tasks: dict[str, asyncio.Task[None]] = {}
     lost: list[BaseException] = []
+    cut: list[str] = []  # the failed member whose group was turned back, if one was
 
-    async def commit() -> None:
+    def stop(error: BaseException) -> None:
+        # The saga in memory is now past the store (another worker appended, say):
+        # a later member's save would put its events after the newer ones, unchecked.
+        lost.append(error)
+        if not isinstance(error, asyncio.CancelledError):  # the group is ending anyway
+            commits.put_nowait(error)
+
+    async def adopt(before: tuple[str, dict[str, int]], strict: bool = True) -> None:
+        """Take on the stored saga if only cancels were appended since `before`; else raise.
+
+        `before` is the saga's status and calls in flight: a cancel changes neither (it
+        clears the retries), anything else appended (a take-over) does. The saga is taken
+        on in place, so that the driver holding the same object goes on from it too; its
+        events were all collected by its last save: none is pending to lose.
+        """
+        if reload is None:
+            if strict:
+                raise IntegrityError(f"saga {saga.id} was appended to by another writer")
+            return
         try:
-            events = await save(saga)
-        except BaseException as e:
-            # The saga in memory is now past the store (a cancel won the append, say):
-            # a later member's save would put its events after the newer ones, unchecked.
-            lost.append(e)
-            if not isinstance(e, asyncio.CancelledError):  # the group is ending anyway
-                commits.put_nowait(e)
-            raise
-        commits.put_nowait(events)
+            stored = await asyncio.to_thread(reload, saga.id)
+        except Exception:
+            if strict:
+                raise
+            return  # the store is away: the commit will find out
+        if stored.cancel_requested and (stored.status, stored.in_flight) == before:
+            vars(saga).clear()
+            vars(saga).update(vars(stored))
+        elif strict:
+            raise IntegrityError(f"saga {saga.id} was taken over at version {stored.version}")
+
+    async def commit(record: Callable[..., Awaitable[float | None]], *args: Any) -> float | None:
+        """`record(*args)` a boundary on the saga and save it; after a cancel won, on the stored."""
+        before = (saga.status, dict(saga.in_flight))
+        for _ in range(_OBEY_ATTEMPTS + 1):  # each loss is to one more cancel, else adopt raises
+            delay = await record(*args)
+            try:
+                if saga.pending_events:
+                    commits.put_nowait(await save(saga))
+                return delay
+            except IntegrityError:
+                pass
+            except BaseException as e:
+                stop(e)
+                raise
+            try:
+                await adopt(before)
+            except BaseException as e:
+                stop(e)
+                raise
+        error = IntegrityError(f"saga {saga.id}: kept losing its append to cancels")
+        stop(error)
+        raise error
 
     async def turn_back(failed: str) -> None:
+        cut.append(failed)
         others = [task for step, task in tasks.items() if step != failed]
         for task in others:
             task.cancel()
@@ -1030,36 +1081,56 @@ async def _group(
             if done is not None and done[0] == call:
                 settle(saga, definition, call, done[1], check, clock.now())
             elif call.step.recovery == RECONCILE:
-                answer = await ainvoke(replace(call, kind=RECONCILE_ACTION), saga, clock)
-                if answer.error is not None:
-                    raise ReconcileError(saga.id, call.step.name, answer.error)
+                asked = (call.step.name, call.attempt)
+                if asked not in answers:
+                    answer = await ainvoke(replace(call, kind=RECONCILE_ACTION), saga, clock)
+                    if answer.error is not None:
+                        raise ReconcileError(saga.id, call.step.name, answer.error)
+                    answers[asked] = bool(answer.result)
                 error = StepCancelled(call.step.name, call.attempt, cause)
-                outcome = Outcome(error=error, took_effect=bool(answer.result))
+                outcome = Outcome(error=error, took_effect=answers[asked])
                 settle(saga, definition, call, outcome, check, clock.now())
             else:
                 cancelled(saga, call, cause)
         if not saga.in_flight and not saga.compensating and saga.status == COMPENSATING:
             _compensate_next(saga)
 
+    async def ended(call: Call, outcome: Outcome) -> float | None:
+        """Settle a member's call; a failure for good turns the group back."""
+        delay = settle(saga, definition, call, outcome, check, clock.now())
+        # A cancelled saga lets its other members end on their own, as one step does:
+        # the group turns back only for a failure (or did so before the cancel was seen).
+        if saga.status == COMPENSATING and saga.in_flight and (cut or not saga.cancel_requested):
+            await turn_back(call.step.name)
+        return delay
+
+    async def restart(name: str) -> float | None:
+        """Start a member's next attempt, once its retry delay is over."""
+        if not saga.cancel_requested:  # else the driver turns back once the members end
+            saga.start_step(name, saga.attempts[name] + 1)
+        return None
+
     async def member(call: Call | None) -> None:
         while call is not None:
             name = call.step.name
-            outcome = await ainvoke(call, saga, clock)
+            outcome = await ainvoke(call, saga, clock, watch)
             finished[name] = (call, outcome)
             async with lock:
-                if lost or saga.status != RUNNING or saga.in_flight.get(name) != call.attempt:
+                if lost or saga.in_flight.get(name) != call.attempt:
                     return
-                delay = settle(saga, definition, call, outcome, check, clock.now())
-                if saga.status == COMPENSATING and saga.in_flight:
-                    await turn_back(name)
-                await commit()
+                if isinstance(outcome.error, StepCancelled) and not saga.cancel_requested:
+                    # Cut by a stored cancel: take that on first, lest the cut be taken
+                    # for a failure that turns the group back.
+                    await adopt((saga.status, dict(saga.in_flight)), strict=False)
+                delay = await commit(ended, call, outcome)
             if delay is not None:
                 await clock.asleep(delay)
                 async with lock:
-                    if lost or saga.status != RUNNING or name not in saga.retrying:
+                    if lost or saga.status != RUNNING or saga.cancel_requested:
                         return
-                    saga.start_step(name, saga.attempts[name] + 1)
-                    await commit()
+                    if name not in saga.retrying:
+                        return
+                    await commit(restart, name)
             attempt = saga.in_flight.get(name)
             call = (
                 None

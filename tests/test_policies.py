@@ -44,6 +44,7 @@ from saga_es import (
     StepReconciled,
     StepStarted,
 )
+from saga_es import runner as saga_runner
 from saga_es.breaker import reset_breakers
 
 START = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -1715,26 +1716,49 @@ def test_a_parallel_member_is_retried_on_its_own(app: SagaApplication, clock: Fa
     assert app.verify() == []
 
 
+def _elsewhere(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication]
+) -> SagaApplication:
+    """Another process on the same store (on POPO, which has no other, the same application)."""
+    return app if env["PERSISTENCE_MODULE"].endswith("popo") else open_app(env)
+
+
+@pytest.mark.parametrize("winner", ["cancel", "take-over"])
 @pytest.mark.parametrize("mode", MODES)
 def test_a_member_ending_after_a_lost_append_writes_nothing_over_the_newer_history(
-    app: SagaApplication, mode: str
+    app: SagaApplication,
+    env: Env,
+    open_app: Callable[[Env], SagaApplication],
+    mode: str,
+    winner: str,
 ) -> None:
-    """A cancel lands while a group runs: the member whose append it beats stops the group.
+    """Another writer appends while a group runs: no member writes past it unchecked.
 
-    The saga in memory is then one event past the store; had the other member committed
-    from it, its events would have taken versions after the cancel, unchecked (a stream
-    with `StepStarted` after `CancelRequested`, and a member's completion missing).
+    The saga in memory is then one event behind the store; had a member committed from
+    it, its events would have taken versions after the newer ones, unchecked. A cancel is
+    obeyed on the stored saga: the members' completions are recorded after it, nothing
+    starts, and the saga ends `cancelled` at once. Another worker's take-over (its new
+    attempts) stops the group: none of its members writes anything more.
     """
+    elsewhere = _elsewhere(app, env, open_app)
     saga_id = SagaApplication.saga_id("lost-append", "k")
     ran: list[str] = []
 
+    def take_over() -> None:
+        stored = elsewhere.get(saga_id)
+        saga_runner.resume(stored, definition)  # attempt 2 of each member, written ahead
+        elsewhere.save(stored)
+
     async def first(context: Any, key: str) -> None:
-        await asyncio.to_thread(app.cancel, saga_id, by="ops", reason="stop")
+        if winner == "cancel":
+            await asyncio.to_thread(elsewhere.cancel, saga_id, by="ops", reason="stop")
+        else:
+            await asyncio.to_thread(take_over)
         await asyncio.sleep(0)
         context["first"] = True
 
     async def second(context: Any, key: str) -> None:
-        while not app.get(saga_id).cancel_requested:
+        while len(app.saga_events(saga_id)) == 3:  # until the other writer has appended
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.002)  # past `first`'s lost append
         context["second"] = True
@@ -1747,14 +1771,206 @@ def test_a_member_ending_after_a_lost_append_writes_nothing_over_the_newer_histo
         ],
     )
     if mode == "run":
-        app.run(definition, {}, key="k")
+        saga = app.run(definition, {}, key="k")
     else:
-        asyncio.run(app.arun(definition, {}, key="k"))
+        saga = asyncio.run(app.arun(definition, {}, key="k"))
     assert app.verify() == []
     assert ran == []
-    app.default_step_timeout = 0
-    app.recover()
-    assert app.get(saga_id).status == "cancelled"
+    events = [type(e).__name__ for e in app.saga_events(saga_id)]
+    if winner == "cancel":
+        assert saga.status == app.get(saga_id).status == "cancelled"
+        assert events[3:] == ["CancelRequested", "StepCompleted", "StepCompleted", "SagaCancelled"]
+        assert saga.context == {"first": True, "second": True}
+    else:
+        assert events == ["SagaStarted", *["StepStarted"] * 4]
+        assert saga.status == "running"
+        assert saga.in_flight == {"first": 2, "second": 2}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cancel_landing_while_a_group_runs_ends_the_saga_cancelled_at_once(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication], mode: str
+) -> None:
+    """`a` completes, another process cancels, then `b` completes and loses its append.
+
+    The runner records `b`'s completion on the stored saga, lets `c` (still running) end
+    on its own, starts nothing more and compensates every completed step once, in reverse
+    order of completion: `run`/`arun` return the saga `cancelled`, no recovery needed.
+    """
+    elsewhere = _elsewhere(app, env, open_app)
+    saga_id = SagaApplication.saga_id("cancel-group", "k")
+    calls: list[str] = []
+    cancelled = threading.Event()
+
+    def stored(step: str) -> None:
+        """Wait until `step`'s completion is in the store."""
+        deadline = time.monotonic() + HANG
+        while step not in elsewhere.get(saga_id).completed and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def do(name: str) -> Body:
+        def action(context: Any, key: str) -> None:
+            if name == "b":
+                stored("a")
+                elsewhere.cancel(saga_id, by="ops", reason="stop")
+                cancelled.set()
+            elif name == "c":
+                cancelled.wait(HANG)
+                stored("b")  # still running when the cancel is obeyed
+            calls.append(f"do {name}")
+            context[name] = True
+
+        return action
+
+    def undo(name: str) -> Body:
+        return lambda context, key: calls.append(f"undo {name}")
+
+    definition = SagaDefinition(
+        "cancel-group",
+        [
+            Step("reserve", do("reserve"), undo("reserve")),
+            Parallel(*(Step(n, do(n), undo(n)) for n in "abc")),
+            Step("ship", do("ship"), undo("ship")),
+        ],
+    )
+    if mode == "run":
+        saga = app.run(definition, {}, key="k")
+    else:
+        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    assert saga.status == app.get(saga_id).status == "cancelled"
+    assert saga.compensated == ["c", "b", "a", "reserve"]
+    assert calls == [
+        *["do reserve", "do a", "do b", "do c"],
+        *["undo c", "undo b", "undo a", "undo reserve"],
+    ]
+    assert [(r.event, r.step) for r in app.history(saga_id)][6:] == [
+        ("StepCompleted", "a"),
+        ("CancelRequested", None),
+        ("StepCompleted", "b"),
+        ("StepCompleted", "c"),
+        *[
+            (e, s)
+            for s in ("c", "b", "a", "reserve")
+            for e in ("CompensationStarted", "CompensationRan")
+        ],
+        ("SagaCancelled", None),
+    ]
+    assert app.verify() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cancellable_member_is_cut_when_a_cancel_lands_while_its_group_runs(
+    app: SagaApplication, env: Env, open_app: Callable[[Env], SagaApplication], mode: str
+) -> None:
+    """A cancel lands while a group runs: a `cancellable` member is cut, the others end.
+
+    `c` cancels and completes (its append lost to the cancel), `b` is cut at the runner's
+    next look at the store: its attempt failed with `StepCancelled`, outcome unknown, so
+    it is undone too. Every step that ended is compensated once, in reverse order.
+    """
+    elsewhere = _elsewhere(app, env, open_app)
+    saga_id = SagaApplication.saga_id("cut-group", "k")
+    calls: list[str] = []
+
+    def do(name: str) -> Body:
+        def action(context: Any, key: str) -> None:
+            if name == "c":
+                deadline = time.monotonic() + HANG
+                while "a" not in elsewhere.get(saga_id).completed and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                elsewhere.cancel(saga_id, by="ops", reason="stop")
+            calls.append(f"do {name}")
+
+        return action
+
+    async def slow(context: Any, key: str) -> None:
+        calls.append("do b")
+        await asyncio.sleep(HANG)  # cut by the cancel
+        calls.append("b ran to its end")
+
+    def undo(name: str) -> Body:
+        return lambda context, key: calls.append(f"undo {name}")
+
+    definition = SagaDefinition(
+        "cut-group",
+        [
+            Step("reserve", do("reserve"), undo("reserve")),
+            Parallel(
+                Step("a", do("a"), undo("a")),
+                Step("b", slow, undo("b"), cancellable=True),
+                Step("c", do("c"), undo("c")),
+            ),
+            Step("ship", do("ship"), undo("ship")),
+        ],
+    )
+    if mode == "run":
+        saga = app.run(definition, {}, key="k")
+    else:
+        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    assert saga.status == app.get(saga_id).status == "cancelled"
+    history = app.history(saga_id)
+    ended = [r.step for r in history if r.event in ("StepCompleted", "StepFailed")]
+    assert sorted(ended) == ["a", "b", "c", "reserve"]
+    assert [r.error.type for r in history if r.event == "StepFailed"] == ["StepCancelled"]
+    assert saga.compensated == ended[::-1]
+    assert sorted(calls[:4]) == ["do a", "do b", "do c", "do reserve"]
+    assert calls[4:] == [f"undo {s}" for s in ended[::-1]]
+    assert app.verify() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cancel_landing_while_a_member_waits_to_retry_starts_no_new_attempt(
+    app: SagaApplication,
+    env: Env,
+    open_app: Callable[[Env], SagaApplication],
+    clock: FakeClock,
+    mode: str,
+) -> None:
+    """A cancel lands while a member waits to retry and another runs: no new attempt starts.
+
+    The retry's start (or the other member's completion) loses its append to the cancel;
+    the group takes the cancel on, and the saga ends `cancelled` with `a` undone.
+    """
+    elsewhere = _elsewhere(app, env, open_app)
+    saga_id = SagaApplication.saga_id("cancel-retry", "k")
+    calls: list[str] = []
+    asleep = clock.asleep
+
+    cancelled = threading.Event()
+
+    async def cancel_while_waiting(seconds: float) -> None:
+        await asyncio.to_thread(elsewhere.cancel, saga_id, by="ops", reason="stop")
+        cancelled.set()
+        await asleep(seconds)
+
+    clock.asleep = cancel_while_waiting  # type: ignore[method-assign]
+
+    def slow(context: Any, key: str) -> None:
+        cancelled.wait(HANG)  # in flight while the cancel lands: nobody else drives the saga
+        calls.append("do a")
+
+    def flaky(context: Any, key: str) -> None:
+        calls.append("do b")
+        raise Transient("busy")
+
+    definition = SagaDefinition(
+        "cancel-retry",
+        [
+            Parallel(
+                Step("a", slow, lambda c, k: calls.append("undo a")),
+                Step("b", flaky, retry=Retry(attempts=3, delay=1.0, jitter=0)),
+            ),
+            Step("ship", lambda c, k: calls.append("do ship")),
+        ],
+    )
+    if mode == "run":
+        saga = app.run(definition, {}, key="k")
+    else:
+        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    assert saga.status == app.get(saga_id).status == "cancelled"
+    assert sorted(calls[:2]) == ["do a", "do b"]
+    assert calls[2:] == ["undo a"]
+    assert step_failures(app, saga_id) == [("b", 1, "Transient", True, False, 1.0, None)]
     assert app.verify() == []
 
 
