@@ -1770,10 +1770,7 @@ def test_a_member_ending_after_a_lost_append_writes_nothing_over_the_newer_histo
             Step("after", lambda c, k: ran.append("after")),
         ],
     )
-    if mode == "run":
-        saga = app.run(definition, {}, key="k")
-    else:
-        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    saga = execute(app, definition, {}, mode, key="k")
     assert app.verify() == []
     assert ran == []
     events = [type(e).__name__ for e in app.saga_events(saga_id)]
@@ -1833,10 +1830,7 @@ def test_a_cancel_landing_while_a_group_runs_ends_the_saga_cancelled_at_once(
             Step("ship", do("ship"), undo("ship")),
         ],
     )
-    if mode == "run":
-        saga = app.run(definition, {}, key="k")
-    else:
-        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    saga = execute(app, definition, {}, mode, key="k")
     assert saga.status == app.get(saga_id).status == "cancelled"
     assert saga.compensated == ["c", "b", "a", "reserve"]
     assert calls == [
@@ -1903,10 +1897,7 @@ def test_a_cancellable_member_is_cut_when_a_cancel_lands_while_its_group_runs(
             Step("ship", do("ship"), undo("ship")),
         ],
     )
-    if mode == "run":
-        saga = app.run(definition, {}, key="k")
-    else:
-        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    saga = execute(app, definition, {}, mode, key="k")
     assert saga.status == app.get(saga_id).status == "cancelled"
     history = app.history(saga_id)
     ended = [r.step for r in history if r.event in ("StepCompleted", "StepFailed")]
@@ -1963,10 +1954,7 @@ def test_a_cancel_landing_while_a_member_waits_to_retry_starts_no_new_attempt(
             Step("ship", lambda c, k: calls.append("do ship")),
         ],
     )
-    if mode == "run":
-        saga = app.run(definition, {}, key="k")
-    else:
-        saga = asyncio.run(app.arun(definition, {}, key="k"))
+    saga = execute(app, definition, {}, mode, key="k")
     assert saga.status == app.get(saga_id).status == "cancelled"
     assert sorted(calls[:2]) == ["do a", "do b"]
     assert calls[2:] == ["undo a"]
