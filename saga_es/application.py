@@ -490,7 +490,19 @@ class SagaApplication(Application[UUID]):
         return runner.run(saga, definition, self._save, check, first, clock, reload)
 
     def _taken_over(self, saga: Saga) -> Saga:
-        """Another worker appended first: keep its history, stop, and say so."""
+        """Another writer appended first: keep its history, stop, and say who it was."""
+        stored = self.get(saga.id)
+        if stored.cancel_requested is not None and saga.cancel_requested is None:
+            # With nothing in flight (a retry's wait, say) the cancel drives the saga itself.
+            log.info(
+                "saga %s was cancelled by %s at version %s; the cancel goes on with it and "
+                "this runner stopped",
+                saga.id,
+                stored.cancel_requested.get("by"),
+                stored.version,
+                extra=saga_log_fields(saga),
+            )
+            return stored
         log.warning(
             "saga %s was taken over by another worker at version %s; this worker stopped "
             "and its late events were rejected",
@@ -498,7 +510,7 @@ class SagaApplication(Application[UUID]):
             saga.version,
             extra=saga_log_fields(saga),
         )
-        return self.get(saga.id)
+        return stored
 
     async def arun(
         self, definition: SagaDefinition, context: Any, *, key: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from conftest import CommitSpy
 from saga_es import (
     CompensationFailed,
     CompensationStarted,
+    Retry,
     Saga,
     SagaApplication,
     SagaDefinition,
@@ -20,6 +22,7 @@ from saga_es import (
     Step,
     StepFailed,
     StepStarted,
+    SystemClock,
 )
 from saga_es import runner as saga_runner
 from saga_es.aggregate import verify_events
@@ -903,3 +906,46 @@ def test_a_second_cancel_landing_while_the_runner_obeys_the_first_is_obeyed_too(
     assert ran == []
     assert [r.event for r in app.history(saga_id)].count("CancelRequested") == 2
     assert app.verify() == []
+
+
+@pytest.mark.parametrize("mode", ["run", "arun"])
+def test_a_cancel_during_a_retry_wait_is_finished_by_the_cancel_and_logged_as_one(
+    app: SagaApplication, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing in flight the cancel compensates; the runner's lost start is no take-over."""
+    saga_id = SagaApplication.saga_id("waits", "k")
+    undone: list[str] = []
+    attempts: list[str] = []
+
+    def flaky(context: Any, key: str) -> None:
+        attempts.append(key)
+        raise RuntimeError("try again later")
+
+    definition = SagaDefinition(
+        "waits",
+        [
+            Step("reserve", lambda c, k: None, lambda c, k: undone.append("reserve")),
+            Step("pay", flaky, retry=Retry(attempts=3, delay=1.0, jitter=0)),
+        ],
+    )
+
+    class CancelDuringTheWait(SystemClock):
+        def sleep(self, seconds: float) -> None:
+            app.cancel(saga_id, by="ada", reason="changed my mind")
+
+        async def asleep(self, seconds: float) -> None:
+            await asyncio.to_thread(self.sleep, seconds)
+
+    app.clock = CancelDuringTheWait()
+    with caplog.at_level(logging.INFO, logger="saga_es"):
+        if mode == "run":
+            saga = app.run(definition, {}, key="k")
+        else:
+            saga = asyncio.run(app.arun(definition, {}, key="k"))
+    assert saga.status == app.get(saga_id).status == "cancelled"
+    assert len(attempts) == 1  # no attempt started after the cancel
+    assert undone == ["reserve"]
+    assert app.verify() == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"saga {saga_id} was cancelled by ada" in m for m in messages), messages
+    assert not any("taken over" in m for m in messages), messages
