@@ -45,10 +45,10 @@ from saga_es.context import (
     LONGEST_KEY,
     SagaTranscoder,
     State,
-    overlong_text,
+    refused_text,
+    shown_text,
     to_state,
     topic_of,
-    unstorable_text,
 )
 from saga_es.debug import RerunResult, rerun_step
 from saga_es.definition import SagaDefinition
@@ -1324,20 +1324,16 @@ def _encode(transcoder: Transcoder, value: Any) -> None:
         raise ValueError("it holds the character NUL (\\x00), which PostgreSQL cannot store")
 
 
-def _check_text(label: str, text: str) -> None:
-    """Refuse, on every store, a recorded text that some store could not keep."""
-    reason = unstorable_text(text)
+def _check_text(label: str, text: str, longest: int | None = None) -> None:
+    """Refuse, on every store, a recorded text that some store could not keep (or index)."""
+    reason = refused_text(text, longest)
     if reason is not None:
-        raise ValueError(f"{label} {text!r} cannot be stored: {reason}")
+        raise ValueError(f"{label} {shown_text(text)} cannot be stored: {reason}")
 
 
 def _check_key(key: Any) -> None:
-    """Refuse, on every store, a business key that some store could not keep (or index)."""
-    text = str(key)
-    _check_text("key", text)
-    reason = overlong_text(text, LONGEST_KEY)
-    if reason is not None:
-        raise ValueError(f"key {text[:40]!r}… cannot be stored: {reason}")
+    """A business key is indexed by the status rows: `_check_text` with its bound."""
+    _check_text("key", str(key), LONGEST_KEY)
 
 
 def _check_value(transcoder: Transcoder, name: str, value: Any, why: str = "") -> None:

@@ -180,6 +180,19 @@ def unstorable_text(text: str) -> str | None:
     return None
 
 
+def refused_text(text: str, longest: int | None = None) -> str | None:
+    """Why some store could not keep `text` (nor index it, past `longest` bytes), or None."""
+    reason = unstorable_text(text)
+    if reason is None and longest is not None:
+        reason = overlong_text(text, longest)
+    return reason
+
+
+def shown_text(text: str) -> str:
+    """`text` for an error message: its start, when it is too long to quote whole."""
+    return repr(text) if len(text) <= 60 else f"{text[:40]!r}… ({len(text)} characters)"
+
+
 def storable_text(text: str) -> str:
     """`text` with what no store can hold escaped: NUL (PostgreSQL) and lone surrogates (UTF-8).
 

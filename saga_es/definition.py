@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from saga_es.breaker import CircuitBreaker
-from saga_es.context import LONGEST_NAME, overlong_text, unstorable_text
+from saga_es.context import LONGEST_NAME, refused_text, shown_text
 from saga_es.errors import DefinitionError
 
 Action = Callable[[Any, str], Any]
@@ -71,14 +71,9 @@ _LONGEST_DEADLINE = (datetime.max.replace(tzinfo=UTC) - datetime.now(UTC)) / 2
 
 def _storable_name(what: str, name: str) -> None:
     """Names are stored in every event: refuse one that some store could not keep."""
-    reason = unstorable_text(name) or overlong_text(name, LONGEST_NAME)
+    reason = refused_text(name, LONGEST_NAME)
     if reason is not None:
-        raise DefinitionError(f"{what} name {_shown(name)} cannot be stored: {reason}")
-
-
-def _shown(text: str) -> str:
-    """`text` for an error message: its start, when it is too long to quote whole."""
-    return repr(text) if len(text) <= 60 else f"{text[:40]!r}… ({len(text)} characters)"
+        raise DefinitionError(f"{what} name {shown_text(name)} cannot be stored: {reason}")
 
 
 def _positive(value: Any, *, allow_zero: bool = False) -> bool:
