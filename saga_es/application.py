@@ -483,7 +483,14 @@ class SagaApplication(Application[UUID]):
 
     def _finish(self, saga_id: UUID, definition: SagaDefinition) -> Saga:
         """Resume a saga in flight now, whatever its step's timeout (its driver is here)."""
-        saga = recovery.rebuild(self, saga_id)
+        return self._resume(recovery.rebuild(self, saga_id), definition)
+
+    def _resume(self, saga: Saga, definition: SagaDefinition) -> Saga:
+        """Drive a pending or interrupted saga to its end, from where its stream stops.
+
+        Its first append is the fencing point: a worker that took the saga meanwhile
+        makes it fail with `IntegrityError`, and this driver stops there.
+        """
         first = runner.resume(saga, definition, self.max_resumptions)
         self._save(saga)
         check, clock, reload = self._check_encodable, self.clock, self.get

@@ -43,7 +43,7 @@ from eventsourcing.sqlite import SQLiteAggregateRecorder, SQLiteFactory
 from eventsourcing.system import ProcessApplication
 from eventsourcing.utils import EnvType, get_topic, strtobool
 
-from saga_es import runner, tracing
+from saga_es import tracing
 from saga_es.aggregate import Saga
 from saga_es.application import SAGA_KEY_NAMESPACE, SagaApplication, _log_events
 from saga_es.context import storable_text
@@ -261,10 +261,7 @@ class SagaProcess(SagaApplication, ProcessApplication[UUID]):
         try:
             definition = self.definition(saga.name, saga.definition_version)
             with tracing.saga_span(saga, "run"):
-                first = runner.resume(saga, definition, self.max_resumptions)
-                self._save(saga)  # a worker that took it first makes this append fail
-                check, clock, reload = self._check_encodable, self.clock, self.get
-                runner.run(saga, definition, self._save, check, first, clock, reload)
+                self._resume(saga, definition)
         except IntegrityError:
             log.warning(
                 "saga %s was taken by a worker first: left to it",

@@ -121,9 +121,7 @@ def _recover_one(
     saga, definition = prepared
     try:
         with tracing.saga_span(saga, "recover"):
-            first = runner.resume(saga, definition, app.max_resumptions)
-            app._save(saga)  # the fencing point: this append must win the version check
-            runner.run(saga, definition, app._save, app._check_encodable, first, app.clock, app.get)
+            app._resume(saga, definition)  # its first append must win the version check
     except IntegrityError:
         _lost(report, saga)
         return
