@@ -124,12 +124,6 @@ def _named_error(error: Exception, env: Environment) -> ConfigurationError:
     if "postgres" in module:
         if env.get("POSTGRES_SCHEMA") and f'schema "{env.get("POSTGRES_SCHEMA")}"' in message:
             return ConfigurationError("POSTGRES_SCHEMA", message)  # the server knows no such schema
-        if "couldn't get a connection" in lowered and _not_positive(
-            env.get("POSTGRES_CONNECT_TIMEOUT")
-        ):
-            return ConfigurationError(
-                "POSTGRES_CONNECT_TIMEOUT", f"must be a positive number of seconds ({message})"
-            )
         for needle, setting in _PG_HINTS:
             if needle in lowered:
                 return ConfigurationError(setting, message)
@@ -137,14 +131,6 @@ def _named_error(error: Exception, env: Environment) -> ConfigurationError:
     if "sqlite" in module:
         return ConfigurationError("SQLITE_DBNAME", message)
     return ConfigurationError("PERSISTENCE_MODULE", message)
-
-
-def _not_positive(value: str | None) -> bool:
-    """Whether a numeric setting was given as zero or less (the pool then waits no time)."""
-    try:
-        return value is not None and float(value) <= 0
-    except ValueError:
-        return False
 
 
 SAGA_COMMIT_MAX_BATCH = "SAGA_COMMIT_MAX_BATCH"
