@@ -508,12 +508,7 @@ def diagram(saga_id: str | None, machine: bool, db: str | None, modules: tuple[s
             app.get(saga_id)  # raises, naming the event that cannot be read
             raise AssertionError("a saga with no readable SagaStarted was rebuilt")
         name, version = started.details["name"], started.details["definition_version"]
-        try:
-            definition = app.definition(name, version)
-        except DefinitionNotFound as e:
-            click.echo(f"saga-es: {e}; on the command line: {_DEFINITIONS_HINT}", err=True)
-            sys.exit(1)
-        drawing = saga_path_diagram(definition, records)
+        drawing = saga_path_diagram(app.definition(name, version), records)
     click.echo(drawing)
     for record in records:
         if not record.readable:
