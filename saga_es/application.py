@@ -18,7 +18,7 @@ import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -1058,22 +1058,15 @@ class SagaApplication(Application[UUID]):
         query = _status_query(status, name, key, started_after, started_before)
         if query == StatusQuery():
             return self._status_recorder.count_statuses()
-        filters = {
-            "status": query.statuses,
-            "name": name,
-            "key": key,
-            "started_after": started_after,
-            "started_before": started_before,
-        }
         counts: dict[tuple[str, str], int] = {}
-        after: UUID | None = None
-        while True:
-            page = self.sagas(**filters, after=after, limit=1000)  # type: ignore[arg-type]
+        query = replace(query, limit=1000)
+        while True:  # the checked query, a page at a time
+            page = self._status_recorder.select_statuses(query)
             for row in page:
                 counts[row.name, row.status] = counts.get((row.name, row.status), 0) + 1
-            if len(page) < 1000:
+            if len(page) < query.limit:
                 return counts
-            after = page[-1].saga_id
+            query = replace(query, after=page[-1].saga_id)
 
     def rebuild_status(self) -> int:
         """Recompute the status row of every readable saga from its events; how many.
